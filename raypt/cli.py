@@ -1,0 +1,103 @@
+"""`raypt` command line: train, config show, data prepare, export, generate. User mistakes exit 2, no traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from raypt import config
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="YAML job file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 deepspeed.zero_stage=3")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="raypt", description="Elastic pre-training on Ray Train + DeepSpeed")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _job_args(sub.add_parser("train", help="run (or resume) a job to its last step and export it"))
+    show = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
+    _job_args(show.add_parser("show", help="print the fully resolved config with defaults"))
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    _job_args(data.add_parser("prepare", help="tokenize and pack the job's data.prepare source into data.path"))
+    ex = sub.add_parser("export", help="export a run's latest checkpoint as a Hugging Face folder")
+    _job_args(ex)
+    gen = sub.add_parser("generate", help="sample a continuation from a run or export folder")
+    gen.add_argument("path")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=80)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except config.ConfigError as e:
+        print(f"raypt: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        cfg = config.load(args.job, args.overrides, check_data=False)
+        print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if args.command == "data":
+        from raypt.data.prepare import prepare
+
+        cfg = config.load(args.job, args.overrides, check_data=False)
+        manifest = prepare(cfg.data.path, cfg.data.prepare)
+        rows = {k: v["rows"] for k, v in manifest["splits"].items()}
+        print(f"prepared {cfg.data.path}: {manifest['documents']} documents, vocab {manifest['vocab_size']}, "
+              f"sequences of {manifest['seq_len']} tokens: {json.dumps(rows)}")
+        return 0
+    if args.command == "train":
+        from raypt.launch import TrainingFailed, train
+
+        cfg = config.load(args.job, args.overrides)
+        try:
+            folder = train(cfg)
+        except TrainingFailed as e:
+            print(f"raypt: {e}", file=sys.stderr)
+            return 1
+        summary = json.load(open(os.path.join(folder, "summary.json"))) if "://" not in folder else {}
+        if summary:
+            print(f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f}, "
+                  f"{summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.1%}")
+        print(f"run folder: {folder}")
+        return 0
+    if args.command == "export":
+        return _export(args)
+    if args.command == "generate":
+        from raypt.export import generate
+
+        print(generate(args.path, args.prompt, args.max_new_tokens, args.temperature, seed=args.seed))
+        return 0
+    return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from raypt.checkpoint import CheckpointError
+    from raypt.export import export
+    from raypt.launch import local_dir, run_dir
+
+    cfg = config.load(args.job, args.overrides)
+    folder = run_dir(cfg)
+    if "://" in folder:
+        raise config.ConfigError(f"run.storage: export reads local runs only, got '{cfg.run.storage}'")
+    steps = sorted(d for d in os.listdir(folder) if d.startswith("step")) if os.path.isdir(folder) else []
+    for step in reversed(steps):
+        try:
+            out = export(os.path.join(folder, step), cfg, os.path.join(local_dir(cfg), "export"))
+        except CheckpointError:
+            continue
+        print(f"exported {step} to {out}")
+        return 0
+    raise config.ConfigError(f"run.name: run '{cfg.run.name}' has no checkpoint under {folder}")

@@ -1,0 +1,148 @@
+"""The Ray Train worker loop: restore -> build -> stream -> step -> evaluate -> checkpoint. Thin on purpose."""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from raypt import checkpoint
+from raypt.checkpoint import TrainState
+from raypt.config import JobConfig, from_dict
+from raypt.data.manifest import read_manifest
+from raypt.data.stream import RankStream
+from raypt.engine import accelerator, build_engine, grad_accumulation, set_lr
+from raypt.metrics import peak_flops
+from raypt.schedules.lr import lr_at
+from raypt.tasks import clm
+
+
+def quiet_known_noise() -> None:
+    """Hide warnings every ZeRO step or model build repeats, so real ones stay visible."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor|.*reduce_scatter_tensor")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def mean_over_ranks(*values: torch.Tensor | float, device) -> list[float]:
+    t = torch.tensor([float(v) for v in values], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+class Worker:
+    def __init__(self, cfg: JobConfig, sink):
+        quiet_known_noise()
+        ctx = ray.train.get_context()
+        self.cfg, self.sink = cfg, sink
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.threads = max(1, int(cfg.scaling.cpus_per_worker))
+        if accelerator() == "cpu":
+            torch.set_num_threads(self.threads)
+        self.manifest = read_manifest(cfg.data.path)
+        self.tokens_per_step = cfg.train.global_batch * self.manifest["seq_len"]
+        self.accum = grad_accumulation(cfg, self.world)
+        model = clm.build_model(cfg.model, self.manifest, cfg.run.seed)
+        self.flops_per_token = clm.flops_per_token(model.config, self.manifest["seq_len"])
+        self.state = TrainState(world_size=self.world, config_digest=cfg.digest())
+        resumed = ray.train.get_checkpoint()
+        with resumed.as_directory() if resumed else nullcontext() as directory:
+            if directory:
+                self.state, body = checkpoint.read_state(directory)
+                checkpoint.load_weights(model, directory)
+            self.engine = build_engine(model, cfg, self.world)
+            if directory:
+                checkpoint.load_optimizer(self.engine, directory, body)
+                checkpoint.restore_rng(directory, self.rank)
+        if self.rank == 0:
+            ray.get(sink.begin.remote(self.state.step))
+            if resumed:
+                sink.note.remote(f"resumed from step {self.state.step} ({self.state.world_size} -> {self.world} "
+                                 f"workers, {self.accum} accumulation steps)")
+                if self.state.config_digest != cfg.digest():
+                    sink.note.remote("warning: the job's model/data/train settings differ from the checkpoint's")
+
+    def stream(self, split: str, first_batch: int, num_batches: int, shuffle: bool):
+        c = self.cfg
+        return RankStream(self.manifest, split, c.run.seed, shuffle, c.train.global_batch, self.world, self.rank,
+                          c.train.micro_batch, c.data.prefetch_batches).batches(first_batch, num_batches)
+
+    def evaluate(self, batches: list[dict]) -> float:
+        self.engine.eval()
+        with torch.no_grad():
+            total = sum(clm.loss(self.engine, self.to_device(b)).item() for b in batches) / len(batches)
+        self.engine.train()
+        return mean_over_ranks(total, device=self.engine.device)[0]
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+
+    def step(self, batches) -> tuple[float, float]:
+        """One optimizer step over `accum` micro-batches; returns (mean loss, seconds waiting for data)."""
+        loss_sum, wait = 0.0, 0.0
+        for _ in range(self.accum):
+            t = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t
+            loss = clm.loss(self.engine, self.to_device(batch))
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.item()
+        return loss_sum / self.accum, wait
+
+    def save(self, metrics: dict) -> None:
+        local = tempfile.mkdtemp(prefix=f"raypt-{self.cfg.run.name}-{self.state.step}-r{self.rank}-")
+        checkpoint.save(self.engine, local, self.state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_dir_name=f"step{self.state.step:06d}",
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+    def run(self) -> None:
+        c, steps = self.cfg, self.cfg.train.steps
+        start = self.state.step
+        if start >= steps:
+            return
+        val = list(self.stream("val", 0, c.train.eval_batches, shuffle=False))
+        if start == 0:
+            v = self.evaluate(val)
+            if self.rank == 0:
+                self.sink.log.remote({"step": 0, "tokens_seen": 0, "val_loss": v})
+        peak = peak_flops(self.threads) * self.world
+        train = self.stream("train", start, steps - start, shuffle=True)
+        total_tokens = steps * self.tokens_per_step
+        for step in range(start + 1, steps + 1):
+            lr = lr_at(step * self.tokens_per_step, total_tokens, c.train.lr, c.train.schedule)
+            set_lr(self.engine, lr)
+            t0 = time.perf_counter()
+            loss, wait = self.step(train)
+            loss, wait = mean_over_ranks(loss, wait, device=self.engine.device)
+            seconds = time.perf_counter() - t0
+            self.state.step, self.state.world_size = step, self.world
+            self.state.tokens_seen, self.state.samples_seen = step * self.tokens_per_step, step * c.train.global_batch
+            record = {"step": step, "loss": loss, "lr": lr, "tokens_seen": self.state.tokens_seen,
+                      "samples_seen": self.state.samples_seen, "tokens_per_s": self.tokens_per_step / seconds,
+                      "mfu": self.flops_per_token * self.tokens_per_step / seconds / peak,
+                      "step_time_s": seconds, "data_wait_s": wait, "world_size": self.world}
+            if step % c.train.eval_every == 0 or step == steps:
+                record["val_loss"] = self.evaluate(val)
+            if self.rank == 0 and (step % c.run.log_every == 0 or "val_loss" in record or step == steps):
+                self.sink.log.remote(record)
+            if step % c.checkpoint.every == 0 or step == steps:
+                self.save(record)
+
+
+def train_loop(loop_config: dict) -> None:
+    """Entry point Ray Train runs on every worker."""
+    Worker(from_dict(loop_config["job"]), loop_config["sink"]).run()
