@@ -134,10 +134,13 @@ class Worker:
             record = {"step": step, "loss": loss, "lr": lr, "tokens_seen": self.state.tokens_seen,
                       "samples_seen": self.state.samples_seen, "tokens_per_s": self.tokens_per_step / seconds,
                       "mfu": self.flops_per_token * self.tokens_per_step / seconds / peak,
-                      "step_time_s": seconds, "data_wait_s": wait, "world_size": self.world}
+                      "step_time_s": seconds, "data_wait_s": wait, "world_size": self.world, "time": time.time()}
+            if step == start + 1 and start > 0:
+                record["resumed_from"] = start
             if step % c.train.eval_every == 0 or step == steps:
                 record["val_loss"] = self.evaluate(val)
-            if self.rank == 0 and (step % c.run.log_every == 0 or "val_loss" in record or step == steps):
+            notable = "val_loss" in record or "resumed_from" in record or step == steps
+            if self.rank == 0 and (step % c.run.log_every == 0 or notable):
                 self.sink.log.remote(record)
             if step % c.checkpoint.every == 0 or step == steps:
                 self.save(record)

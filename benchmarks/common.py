@@ -1,0 +1,41 @@
+"""Shared by every benchmark: one JSON shape for results, with the machine and versions that produced them."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpus"] = torch.cuda.device_count()
+    return info
+
+
+def versions() -> dict:
+    import deepspeed
+    import ray
+    import torch
+    import transformers
+
+    return {"ray": ray.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__}
+
+
+def write_result(name: str, figures: dict, **extra) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    body = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(), "versions": versions(), "figures": figures, **extra}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(body, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,5 @@
+import sys
+
+from raypt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""One embedded Ray cluster and one tiny prepared dataset for the whole suite."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+TINY = [
+    "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+    "data.prepare.max_bytes=400000", "data.prepare.vocab_size=512", "data.prepare.seq_len=32",
+    "data.prepare.rows_per_group=64", "train.global_batch=8", "train.micro_batch=2", "train.eval_every=4",
+    "train.eval_batches=2", "train.lr=3e-3", "checkpoint.every=3", "deepspeed.zero_stage=2", "scaling.workers=2",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from raypt.launch import init_ray
+
+    init_ray()
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    from raypt import config
+    from raypt.data.prepare import prepare
+
+    path = str(tmp_path_factory.mktemp("data") / "stdlib")
+    cfg = config.load(None, TINY + [f"data.path={path}"], check_data=False)
+    prepare(cfg.data.path, cfg.data.prepare)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_job(tiny_data, tmp_path_factory):
+    """Build a validated tiny job: make_job('train.steps=6', ...); runs go to one session folder."""
+    from raypt import config
+
+    storage = tmp_path_factory.mktemp("runs")
+
+    def make(*overrides: str):
+        return config.load(None, TINY + [f"data.path={tiny_data}", f"run.storage={storage}", *overrides])
+
+    return make
