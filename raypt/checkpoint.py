@@ -10,12 +10,19 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
+import pyarrow.fs as pafs
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from raypt import storage
 
 STATE = "raypt_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -92,19 +99,75 @@ def _optimizer_step(base: torch.optim.Optimizer) -> int:
     return 0
 
 
-def read_state(directory: str) -> tuple[TrainState, dict]:
+def read_state(uri: str) -> tuple[TrainState, dict]:
     """Trust only a committed, complete checkpoint: state file present and every listed file at its size."""
-    path = os.path.join(directory, STATE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: no {STATE}; the checkpoint was not committed")
-    with open(path) as f:
-        body = json.load(f)
-    for name, size in body["files"].items():
-        p = os.path.join(directory, name)
-        if not os.path.isfile(p) or os.path.getsize(p) != size:
-            raise CheckpointError(f"{directory}: {name} is missing or not {size} bytes")
+    fs, path = storage.resolve(uri)
+    try:
+        with fs.open_input_stream(f"{path}/{STATE}") as f:
+            body = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        raise CheckpointError(f"{uri}: no readable {STATE}; the checkpoint was never committed") from None
+    names = list(body["files"])
+    infos = fs.get_file_info([f"{path}/{n}" for n in names])
+    for name, info in zip(names, infos):
+        if info.size != body["files"][name]:
+            found = "missing" if info.size is None else f"{info.size} bytes"
+            raise CheckpointError(f"{uri}: {name} is {found}, committed as {body['files'][name]} bytes")
     fields = TrainState.__dataclass_fields__
     return TrainState(**{k: v for k, v in body.items() if k in fields}), body
+
+
+def list_checkpoints(run_uri: str) -> list[str]:
+    """Checkpoint folders of a run, oldest first."""
+    fs, path = storage.resolve(run_uri)
+    selector = pafs.FileSelector(path, allow_not_found=True)
+    steps = sorted(i.base_name for i in fs.get_file_info(selector)
+                   if i.type == pafs.FileType.Directory and re.fullmatch(r"step\d+", i.base_name))
+    return [storage.join(run_uri, s) for s in steps]
+
+
+def latest_good(run_uri: str, log: Callable[[str], None] = print) -> Optional[str]:
+    """The newest checkpoint that verifies; each one skipped is logged with the reason."""
+    for uri in reversed(list_checkpoints(run_uri)):
+        try:
+            read_state(uri)
+            return uri
+        except CheckpointError as e:
+            log(f"skipping checkpoint: {e}; falling back to the previous one")
+    return None
+
+
+def prune(run_uri: str, keep: int, log: Callable[[str], None] = print) -> None:
+    """Keep the newest `keep` good checkpoints and whatever is newer (uploads may be in flight); never the only
+    good one is deleted, because deletion only reaches below the oldest kept good checkpoint."""
+    folders = list_checkpoints(run_uri)
+    good = []
+    for uri in reversed(folders):
+        try:
+            read_state(uri)
+            good.append(uri)
+        except CheckpointError:
+            pass
+        if len(good) == keep:
+            break
+    if len(good) < keep:
+        return
+    fs, _ = storage.resolve(run_uri)
+    for uri in folders[:folders.index(good[-1])]:
+        fs.delete_dir(storage.resolve(uri)[1])
+        log(f"deleted old checkpoint {uri.rsplit('/', 1)[-1]}")
+
+
+@contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local folder holding the checkpoint: the folder itself when local, a downloaded copy otherwise."""
+    fs, path = storage.resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="raypt-restore-") as tmp:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
 
 
 def _tensors(directory: str, kind: str) -> dict[str, torch.Tensor]:

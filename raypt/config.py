@@ -94,6 +94,7 @@ class ScalingConfig(Section):
     workers: Union[int, WorkerRange] = Field(2)
     use_gpu: Union[Literal["auto"], bool] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
+    resize_interval_s: float = Field(60.0, gt=0, description="how often an elastic run checks for more workers")
 
     def world_sizes(self) -> list[int]:
         if isinstance(self.workers, int):
@@ -107,7 +108,16 @@ class CheckpointConfig(Section):
 
 
 class FailureConfig(Section):
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts after errors; -1 = unlimited")
+    max_preemption_failures: int = Field(-1, ge=-1, description="restarts after node reclaims; -1 = unlimited")
+
+
+class FaultsConfig(Section):
+    """Chaos drills: each fault fires once per run, never again after the restart it causes."""
+    kill_at_step: Optional[int] = Field(None, ge=1, description="SIGKILL the worker process of kill_rank")
+    kill_rank: int = Field(0, ge=0)
+    raise_at_step: Optional[int] = Field(None, ge=1)
+    corrupt_checkpoint_at_step: Optional[int] = Field(None, ge=1)
 
 
 class RunConfig(Section):
@@ -115,6 +125,8 @@ class RunConfig(Section):
     storage: str = "runs"
     seed: int = 0
     log_every: int = Field(1, ge=1)
+    log_sample_ids: bool = False
+    resume_from: Optional[str] = Field(None, description="a checkpoint folder to start from (any world size)")
 
 
 class JobConfig(Section):
@@ -126,6 +138,7 @@ class JobConfig(Section):
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     failure: FailureConfig = FailureConfig()
+    faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "JobConfig":
@@ -136,6 +149,9 @@ class JobConfig(Section):
                     f"train.global_batch: {self.train.global_batch} is not a multiple of train.micro_batch "
                     f"({self.train.micro_batch}) x workers ({world}) = {per_step}; the global batch is held constant "
                     f"at every world size, so pick a multiple of {per_step}")
+        if self.faults.kill_rank >= max(self.scaling.world_sizes()):
+            raise ValueError(f"faults.kill_rank: {self.faults.kill_rank} is not a rank of a run with at most "
+                             f"{max(self.scaling.world_sizes())} workers")
         return self
 
     def digest(self) -> str:
@@ -216,10 +232,10 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, ch
         cfg = JobConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_error(e, raw)) from None
-    for section, key in (("data", "path"), ("run", "storage")):  # workers do not share the driver's cwd
+    for section, key in (("data", "path"), ("run", "storage"), ("run", "resume_from")):  # workers have another cwd
         sub = getattr(cfg, section)
         value = getattr(sub, key)
-        if "://" not in value:
+        if value and "://" not in value:
             setattr(sub, key, str(Path(value).expanduser().resolve()))
     if check_data:
         check_data_path(cfg)

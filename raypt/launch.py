@@ -11,8 +11,10 @@ import ray
 from raypt import storage
 from raypt.config import JobConfig, to_dict
 
-# The embedded cluster reports finished runs sooner; an attached cluster keeps its own settings.
-EMBEDDED_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_METRICS_ENABLED": "0"}
+# The embedded cluster exists only to train: workers run at normal priority (Ray's default niceness of 15
+# lets its own daemons preempt the ranks, which then wait on each other in collectives). An attached cluster
+# keeps its own settings.
+EMBEDDED_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
 class TrainingFailed(RuntimeError):
@@ -34,8 +36,7 @@ def init_ray() -> None:
 
 
 def run_dir(cfg: JobConfig) -> str:
-    base = cfg.run.storage if "://" in cfg.run.storage else os.path.abspath(cfg.run.storage)
-    return storage.join(base, cfg.run.name)
+    return storage.join(cfg.run.storage, cfg.run.name)
 
 
 def local_dir(cfg: JobConfig) -> str:
@@ -60,16 +61,18 @@ def build_trainer(cfg: JobConfig, sink=None, callbacks: list | None = None):
     gpu = use_gpu(cfg)
     w = cfg.scaling.workers
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    elastic = {} if isinstance(w, int) else {"elastic_resize_monitor_interval_s": cfg.scaling.resize_interval_s}
     fs, base = storage.resolve(cfg.run.storage)
     return TorchTrainer(
         train_loop,
         train_loop_config={"job": to_dict(cfg), "sink": sink},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=w if isinstance(w, int) else (w.min, w.max), use_gpu=gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, **elastic),
         run_config=RunConfig(name=cfg.run.name, storage_path=base, storage_filesystem=fs, callbacks=callbacks,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-                             failure_config=FailureConfig(max_failures=cfg.failure.max_failures)),
+                             # raypt prunes itself: Ray's keep-K cannot know which checkpoints verify.
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             failure_config=FailureConfig(**cfg.failure.model_dump())),
     )
 
 
@@ -114,6 +117,7 @@ def train(cfg: JobConfig) -> str:
     """Run (or resume) the job to its last step, export it, and return the run folder."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from raypt.checkpoint import latest_good, list_checkpoints, local_copy
     from raypt.export import export
     from raypt.metrics import MetricsSink, read_metrics
 
@@ -136,15 +140,19 @@ def train(cfg: JobConfig) -> str:
     _follow(sink, thread, cfg.train.steps)
     thread.join()
     ray.get(sink.close.remote())
+    latest = latest_good(folder, log=lambda m: None)
     if "error" in outcome:
-        raise TrainingFailed(f"run {cfg.run.name} failed: {outcome['error']}\nrun folder: {folder}")
-    result = outcome["result"]
-    if result.checkpoint is None:
-        raise TrainingFailed(f"run {cfg.run.name} ended without a checkpoint; run folder: {folder}")
-    with result.checkpoint.as_directory() as ckpt:
+        kept = ", ".join(c.rsplit("/", 1)[-1] for c in list_checkpoints(folder)) or "none"
+        raise TrainingFailed(
+            f"run {cfg.run.name} failed (failure.max_failures={cfg.failure.max_failures} restarts allowed): "
+            f"{outcome['error']}\ncheckpoints kept: {kept}; run the same job again to resume from "
+            f"{latest.rsplit('/', 1)[-1] if latest else 'the start'}\nrun folder: {folder}")
+    if latest is None:
+        raise TrainingFailed(f"run {cfg.run.name} ended without a good checkpoint; run folder: {folder}")
+    with local_copy(latest) as ckpt:
         export(ckpt, cfg, os.path.join(local, "export"))
     summary = {"run": cfg.run.name, **summarize(read_metrics(local), time.time() - start),
-               "checkpoint": result.checkpoint.path, "export": storage.join(folder, "export")}
+               "checkpoint": latest, "export": storage.join(folder, "export")}
     with open(os.path.join(local, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if local != folder:

@@ -11,12 +11,13 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from raypt import checkpoint
+from raypt import checkpoint, storage
 from raypt.checkpoint import TrainState
 from raypt.config import JobConfig, from_dict
 from raypt.data.manifest import read_manifest
 from raypt.data.stream import RankStream
 from raypt.engine import accelerator, build_engine, grad_accumulation, set_lr
+from raypt.faults import Faults
 from raypt.metrics import peak_flops
 from raypt.schedules.lr import lr_at
 from raypt.tasks import clm
@@ -57,8 +58,11 @@ class Worker:
         model = clm.build_model(cfg.model, self.manifest, cfg.run.seed)
         self.flops_per_token = clm.flops_per_token(model.config, self.manifest["seq_len"])
         self.state = TrainState(world_size=self.world, config_digest=cfg.digest())
-        resumed = ray.train.get_checkpoint()
-        with resumed.as_directory() if resumed else nullcontext() as directory:
+        self.run_uri = storage.join(cfg.run.storage, cfg.run.name)
+        self.faults = Faults(cfg.faults, self.run_uri, self.rank)
+        log = self.note if self.rank == 0 else (lambda message: None)
+        resumed = checkpoint.latest_good(self.run_uri, log) or cfg.run.resume_from
+        with checkpoint.local_copy(resumed) if resumed else nullcontext() as directory:
             if directory:
                 self.state, body = checkpoint.read_state(directory)
                 checkpoint.load_weights(model, directory)
@@ -69,10 +73,15 @@ class Worker:
         if self.rank == 0:
             ray.get(sink.begin.remote(self.state.step))
             if resumed:
-                sink.note.remote(f"resumed from step {self.state.step} ({self.state.world_size} -> {self.world} "
-                                 f"workers, {self.accum} accumulation steps)")
+                log(f"resumed from {resumed} at step {self.state.step} ({self.state.world_size} -> {self.world} "
+                    f"workers, {self.accum} accumulation steps)")
                 if self.state.config_digest != cfg.digest():
-                    sink.note.remote("warning: the job's model/data/train settings differ from the checkpoint's")
+                    log("warning: the job's model/data/train settings differ from the checkpoint's")
+
+    def note(self, message: str) -> None:
+        """A line for the driver's console and the worker log."""
+        print(f"[raypt] {message}", flush=True)
+        self.sink.note.remote(message)
 
     def stream(self, split: str, first_batch: int, num_batches: int, shuffle: bool):
         c = self.cfg
@@ -89,25 +98,39 @@ class Worker:
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
-    def step(self, batches) -> tuple[float, float]:
-        """One optimizer step over `accum` micro-batches; returns (mean loss, seconds waiting for data)."""
-        loss_sum, wait = 0.0, 0.0
+    def step(self, batches) -> tuple[float, float, list[torch.Tensor]]:
+        """One optimizer step over `accum` micro-batches; returns (mean loss, seconds waiting for data, ids)."""
+        loss_sum, wait, ids = 0.0, 0.0, []
         for _ in range(self.accum):
             t = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t
+            ids.append(batch.pop("sample_id"))
             loss = clm.loss(self.engine, self.to_device(batch))
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.item()
-        return loss_sum / self.accum, wait
+        return loss_sum / self.accum, wait, ids
 
-    def save(self, metrics: dict) -> None:
+    def save(self, metrics: dict) -> float:
+        """Write this rank's part, hand it to Ray's async upload, and prune old checkpoints; returns seconds."""
+        t = time.perf_counter()
         local = tempfile.mkdtemp(prefix=f"raypt-{self.cfg.run.name}-{self.state.step}-r{self.rank}-")
         checkpoint.save(self.engine, local, self.state)
+        self.faults.after_save(self.state.step, local)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=f"step{self.state.step:06d}",
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        if self.rank == 0:
+            checkpoint.prune(self.run_uri, self.cfg.checkpoint.keep, log=lambda m: None)
+        return time.perf_counter() - t
+
+    def sample_ids(self, ids: list[torch.Tensor]) -> list[int]:
+        """The step's sample ids from every rank, in global-batch order (for resume audits)."""
+        mine = torch.cat(ids).to(self.engine.device)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        return torch.cat(every).tolist()
 
     def run(self) -> None:
         c, steps = self.cfg, self.cfg.train.steps
@@ -125,8 +148,9 @@ class Worker:
         for step in range(start + 1, steps + 1):
             lr = lr_at(step * self.tokens_per_step, total_tokens, c.train.lr, c.train.schedule)
             set_lr(self.engine, lr)
+            self.faults.before_step(step)
             t0 = time.perf_counter()
-            loss, wait = self.step(train)
+            loss, wait, ids = self.step(train)
             loss, wait = mean_over_ranks(loss, wait, device=self.engine.device)
             seconds = time.perf_counter() - t0
             self.state.step, self.state.world_size = step, self.world
@@ -137,13 +161,15 @@ class Worker:
                       "step_time_s": seconds, "data_wait_s": wait, "world_size": self.world, "time": time.time()}
             if step == start + 1 and start > 0:
                 record["resumed_from"] = start
+            if c.run.log_sample_ids:
+                record["sample_ids"] = self.sample_ids(ids)
             if step % c.train.eval_every == 0 or step == steps:
                 record["val_loss"] = self.evaluate(val)
+            if step % c.checkpoint.every == 0 or step == steps:
+                record["checkpoint_s"] = self.save(record)
             notable = "val_loss" in record or "resumed_from" in record or step == steps
             if self.rank == 0 and (step % c.run.log_every == 0 or notable):
                 self.sink.log.remote(record)
-            if step % c.checkpoint.every == 0 or step == steps:
-                self.save(record)
 
 
 def train_loop(loop_config: dict) -> None:

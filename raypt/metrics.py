@@ -59,10 +59,12 @@ class MetricsSink:
         self.tb_dir = os.path.join(run_dir, "tensorboard")
         self.latest: dict = {}
         self.events: list[str] = []
+        self.pending: list[dict] = []
         self.writer = None
 
     def begin(self, start_step: int) -> None:
         """A (re)started attempt: drop records past the step it resumes from, so each step appears once."""
+        self.flush()
         kept = []
         if os.path.exists(self.path):
             with open(self.path) as f:
@@ -75,21 +77,31 @@ class MetricsSink:
             self.writer = SummaryWriter(self.tb_dir, purge_step=start_step + 1)
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, record["step"])
+        self.pending.append(record)
         self.latest = {**self.latest, **record}
+
+    def flush(self) -> None:
+        """Written in batches (on every poll) so per-step logging costs the ranks' CPUs almost nothing."""
+        if not self.pending:
+            return
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.pending)
+        for record in self.pending:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+        self.pending = []
 
     def note(self, message: str) -> None:
         self.events.append(message)
 
     def poll(self) -> tuple[dict, list[str]]:
+        self.flush()
         events, self.events = self.events, []
         return self.latest, events
 
     def close(self) -> None:
+        self.flush()
         if self.writer is not None:
             self.writer.close()
 
