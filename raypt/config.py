@@ -110,6 +110,8 @@ class CheckpointConfig(Section):
 class FailureConfig(Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after errors; -1 = unlimited")
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after node reclaims; -1 = unlimited")
+    sigterm_grace_s: float = Field(25.0, gt=0, description="time a SIGTERM'd worker has to commit a checkpoint")
+    preemption_check_every: int = Field(20, ge=0, description="steps between Ray node-drain checks; 0 = off")
 
 
 class FaultsConfig(Section):
@@ -117,6 +119,7 @@ class FaultsConfig(Section):
     kill_at_step: Optional[int] = Field(None, ge=1, description="SIGKILL the worker process of kill_rank")
     kill_rank: int = Field(0, ge=0)
     raise_at_step: Optional[int] = Field(None, ge=1)
+    sigterm_at_step: Optional[int] = Field(None, ge=1, description="SIGTERM the worker process of kill_rank")
     corrupt_checkpoint_at_step: Optional[int] = Field(None, ge=1)
 
 

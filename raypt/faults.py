@@ -32,6 +32,8 @@ class Faults:
         c = self.cfg
         if c.kill_at_step == step and self.rank == c.kill_rank and self._fire_once("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if c.sigterm_at_step == step and self.rank == c.kill_rank and self._fire_once("sigterm", step):
+            os.kill(os.getpid(), signal.SIGTERM)
         if c.raise_at_step == step and self.rank == 0 and self._fire_once("raise", step):
             raise InjectedFault(f"faults.raise_at_step: injected failure at step {step}")
 

@@ -59,7 +59,7 @@ def build_trainer(cfg: JobConfig, sink=None, callbacks: list | None = None):
     from raypt.loop import train_loop
 
     gpu = use_gpu(cfg)
-    w = cfg.scaling.workers
+    w, f = cfg.scaling.workers, cfg.failure
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     elastic = {} if isinstance(w, int) else {"elastic_resize_monitor_interval_s": cfg.scaling.resize_interval_s}
     fs, base = storage.resolve(cfg.run.storage)
@@ -72,7 +72,8 @@ def build_trainer(cfg: JobConfig, sink=None, callbacks: list | None = None):
         run_config=RunConfig(name=cfg.run.name, storage_path=base, storage_filesystem=fs, callbacks=callbacks,
                              # raypt prunes itself: Ray's keep-K cannot know which checkpoints verify.
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             failure_config=FailureConfig(**cfg.failure.model_dump())),
+                             failure_config=FailureConfig(max_failures=f.max_failures,
+                                                          max_preemption_failures=f.max_preemption_failures)),
     )
 
 

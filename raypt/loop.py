@@ -11,7 +11,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from raypt import checkpoint, storage
+from raypt import checkpoint, preemption, storage
 from raypt.checkpoint import TrainState
 from raypt.config import JobConfig, from_dict
 from raypt.data.manifest import read_manifest
@@ -21,6 +21,8 @@ from raypt.faults import Faults
 from raypt.metrics import peak_flops
 from raypt.schedules.lr import lr_at
 from raypt.tasks import clm
+
+preemption.install()
 
 
 def quiet_known_noise() -> None:
@@ -58,7 +60,9 @@ class Worker:
         model = clm.build_model(cfg.model, self.manifest, cfg.run.seed)
         self.flops_per_token = clm.flops_per_token(model.config, self.manifest["seq_len"])
         self.state = TrainState(world_size=self.world, config_digest=cfg.digest())
+        self.saved_for_drain = False
         self.run_uri = storage.join(cfg.run.storage, cfg.run.name)
+        preemption.set_grace(cfg.failure.sigterm_grace_s)
         self.faults = Faults(cfg.faults, self.run_uri, self.rank)
         log = self.note if self.rank == 0 else (lambda message: None)
         resumed = checkpoint.latest_good(self.run_uri, log) or cfg.run.resume_from
@@ -112,18 +116,41 @@ class Worker:
             loss_sum += loss.item()
         return loss_sum / self.accum, wait, ids
 
-    def save(self, metrics: dict) -> float:
-        """Write this rank's part, hand it to Ray's async upload, and prune old checkpoints; returns seconds."""
+    def save(self, metrics: dict, wait_for_upload: bool = False) -> float:
+        """Write this rank's part, hand it to Ray's upload (async unless the process is about to exit), and
+        prune old checkpoints; returns seconds."""
         t = time.perf_counter()
         local = tempfile.mkdtemp(prefix=f"raypt-{self.cfg.run.name}-{self.state.step}-r{self.rank}-")
         checkpoint.save(self.engine, local, self.state)
         self.faults.after_save(self.state.step, local)
+        mode = ray.train.CheckpointUploadMode
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=f"step{self.state.step:06d}",
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+                         checkpoint_upload_mode=mode.SYNC if wait_for_upload else mode.ASYNC)
         if self.rank == 0:
             checkpoint.prune(self.run_uri, self.cfg.checkpoint.keep, log=lambda m: None)
         return time.perf_counter() - t
+
+    def preempted(self, record: dict) -> None:
+        """A rank got SIGTERM: all commit this step (the watchdog ends the signalled rank if the grace period
+        runs out first), then the signalled rank leaves and Ray Train restarts the group from this step."""
+        record["preempted"] = True
+        record["checkpoint_s"] = self.save(record, wait_for_upload=True)
+        if self.rank == 0:
+            self.sink.log.remote(record)
+            ray.get(self.sink.poll.remote())  # flush before the group is torn down
+        if preemption.signalled():
+            preemption.exit_now()
+
+    def node_draining(self, step: int) -> bool:
+        """Ray's own reclaim notice (a node being drained): checkpoint now, keep training until it goes."""
+        every = self.cfg.failure.preemption_check_every
+        if not every or step % every:
+            return False
+        if ray.train.get_preemption_info() is None or self.saved_for_drain:
+            return False
+        self.saved_for_drain = True
+        return True
 
     def sample_ids(self, ids: list[torch.Tensor]) -> list[int]:
         """The step's sample ids from every rank, in global-batch order (for resume audits)."""
@@ -151,7 +178,7 @@ class Worker:
             self.faults.before_step(step)
             t0 = time.perf_counter()
             loss, wait, ids = self.step(train)
-            loss, wait = mean_over_ranks(loss, wait, device=self.engine.device)
+            loss, wait, preempted = mean_over_ranks(loss, wait, preemption.signalled(), device=self.engine.device)
             seconds = time.perf_counter() - t0
             self.state.step, self.state.world_size = step, self.world
             self.state.tokens_seen, self.state.samples_seen = step * self.tokens_per_step, step * c.train.global_batch
@@ -165,7 +192,9 @@ class Worker:
                 record["sample_ids"] = self.sample_ids(ids)
             if step % c.train.eval_every == 0 or step == steps:
                 record["val_loss"] = self.evaluate(val)
-            if step % c.checkpoint.every == 0 or step == steps:
+            if preempted:
+                self.preempted(record)
+            elif self.node_draining(step) or step % c.checkpoint.every == 0 or step == steps:
                 record["checkpoint_s"] = self.save(record)
             notable = "val_loss" in record or "resumed_from" in record or step == steps
             if self.rank == 0 and (step % c.run.log_every == 0 or notable):
