@@ -19,7 +19,36 @@ TINY = [
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1, reached through the standard AWS environment, which the
+    embedded cluster's workers inherit because this runs before it starts."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):  # bounded wait for the server to accept connections
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="raypt-test-key",
+                      AWS_SECRET_ACCESS_KEY="raypt-test-secret", AWS_DEFAULT_REGION="us-east-1")
+    yield url
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
     from raypt.launch import init_ray
 
     init_ray()

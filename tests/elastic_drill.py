@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-NODE = {"num_cpus": 1.5}  # one worker + Ray Data's read tasks
+NODE = {"num_cpus": 2}  # one worker (1.5 CPUs) + Ray Data read tasks
 
 
 def world_sizes(path: str) -> list[tuple[int, int]]:
@@ -45,7 +46,7 @@ def main(data: str, storage: str) -> None:
         f"data.path={data}", f"run.storage={storage}", "run.name=elastic", "model.hidden_size=64",
         "model.num_layers=2", "model.num_heads=2", "train.steps=100000", "train.global_batch=8",
         "train.micro_batch=2", "train.eval_every=100000", "checkpoint.every=20", "failure.max_failures=5",
-        "scaling.workers={min: 1, max: 2}", "scaling.resize_interval_s=5"])
+        "scaling.workers={min: 1, max: 2}", "scaling.resize_interval_s=5", "scaling.cpus_per_worker=1.5"])
     metrics = os.path.join(storage, "elastic", "metrics.jsonl")
     threading.Thread(target=lambda: train(cfg), daemon=True).start()
     wait_for(lambda: any(ws == 2 and s >= 25 for s, ws in world_sizes(metrics)), "2 workers past a checkpoint")
@@ -59,6 +60,9 @@ def main(data: str, storage: str) -> None:
     print("WORLD_SIZES " + json.dumps(world_sizes(metrics)), flush=True)
     ray.shutdown()
     cluster.shutdown()
+    marker = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")  # else later ray.init() joins it
+    if os.path.exists(marker) and open(marker).read().strip() == cluster.address:
+        os.remove(marker)
     os._exit(0)  # the run is endless by design; its thread must not hold this process
 
 
