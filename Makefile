@@ -24,6 +24,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/recovery.py
 
 clean:
 	rm -rf runs data benchmarks/results/*.tmp

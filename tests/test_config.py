@@ -75,3 +75,13 @@ def test_config_show_prints_resolved_defaults():
     assert shown["train"]["steps"] == 7
     assert shown["train"]["schedule"]["min_lr_ratio"] == 0.1  # a default the job file does not set
     assert shown["deepspeed"]["zero_stage"] == 2
+
+
+def test_every_job_in_jobs_validates():
+    from pathlib import Path
+
+    jobs = sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml"))
+    assert len(jobs) >= 3
+    for job in jobs:
+        cfg = config.load(job, check_data=False)
+        assert cfg.run.name, job

@@ -130,3 +130,12 @@ def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, make_job, tmp_path
     assert os.path.isdir(os.path.join(folder, f"step{resumed[0]['resumed_from']:06d}")) or \
         resumed[0]["resumed_from"] % cfg.checkpoint.every == 0
     assert records[-1]["val_loss"] < records[0]["val_loss"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_offload_trains_like_the_resident_optimizer(zero_runs, make_job, stage):
+    cfg = make_job(f"run.name=offload{stage}", f"deepspeed.zero_stage={stage}", "deepspeed.offload=cpu",
+                   f"train.steps={STEPS}")
+    got, reference = losses(train(cfg)), losses(zero_runs[stage][1])
+    assert abs(got[0] - reference[0]) <= 1e-5  # same weights before the first update
+    assert max(abs(a - b) for a, b in zip(got, reference)) <= 1e-3  # DeepSpeed's CPU Adam vs torch's AdamW
