@@ -1,0 +1,16 @@
+"""The manifest names every shard, its row groups and checksum: the single source of a dataset's order."""
+from __future__ import annotations
+
+from raypt import storage
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(root: str) -> dict:
+    manifest = storage.read_json(storage.join(root, MANIFEST))
+    manifest["root"] = root
+    return manifest
+
+
+def shard_uri(manifest: dict, file_entry: dict) -> str:
+    return storage.join(manifest["root"], file_entry["path"])
