@@ -22,6 +22,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m autoscaler
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/overhead.py

@@ -24,6 +24,10 @@ def parser() -> argparse.ArgumentParser:
     _job_args(show.add_parser("show", help="print the fully resolved config with defaults"))
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     _job_args(data.add_parser("prepare", help="tokenize and pack the job's data.prepare source into data.path"))
+    sm = sub.add_parser("submit", help="validate a job, run it on a Ray cluster with `ray job submit`, follow it")
+    _job_args(sm)
+    sm.add_argument("--address", help="the cluster's dashboard address (default: RAY_ADDRESS, then local)")
+    sm.add_argument("--no-wait", action="store_true", help="return once submitted")
     ex = sub.add_parser("export", help="export a run's latest checkpoint as a Hugging Face folder")
     _job_args(ex)
     gen = sub.add_parser("generate", help="sample a continuation from a run or export folder")
@@ -75,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         return _export(args)
+    if args.command == "submit":
+        from raypt.submit import submit
+
+        return submit(args.job, args.overrides, args.address, follow=not args.no_wait)
     if args.command == "generate":
         from raypt.export import generate
 

@@ -2,7 +2,9 @@
 
 Starts an elastic run (workers 1..2) across two nodes, removes the second node, waits until the run goes on with
 one worker, adds a node back, waits until the run grows to two workers again, then prints the world sizes seen.
-Usage: python elastic_drill.py DATA_PATH STORAGE
+With `autoscale` first, it instead runs on Ray's fake autoscaling cluster: the run starts at min workers on the
+head node and grows to max once the autoscaler adds a node for the pending worker.
+Usage: python elastic_drill.py [autoscale] DATA_PATH STORAGE
 """
 from __future__ import annotations
 
@@ -32,23 +34,47 @@ def wait_for(condition, what: str, timeout: float = 240.0) -> None:
         time.sleep(0.5)
 
 
-def main(data: str, storage: str) -> None:
-    import ray
-    from ray.cluster_utils import Cluster
-
+def start_endless_run(data: str, storage: str) -> str:
+    """An elastic run (1..2 workers) that never ends by itself; returns its metrics file."""
     from raypt import config
     from raypt.launch import train
 
-    cluster = Cluster(initialize_head=True, head_node_args=NODE)
-    second = cluster.add_node(**NODE)
-    ray.init(address=cluster.address)
     cfg = config.load(None, [
         f"data.path={data}", f"run.storage={storage}", "run.name=elastic", "model.hidden_size=64",
         "model.num_layers=2", "model.num_heads=2", "train.steps=100000", "train.global_batch=8",
         "train.micro_batch=2", "train.eval_every=100000", "checkpoint.every=20", "failure.max_failures=5",
         "scaling.workers={min: 1, max: 2}", "scaling.resize_interval_s=5", "scaling.cpus_per_worker=1.5"])
-    metrics = os.path.join(storage, "elastic", "metrics.jsonl")
     threading.Thread(target=lambda: train(cfg), daemon=True).start()
+    return os.path.join(storage, "elastic", "metrics.jsonl")
+
+
+def autoscale(data: str, storage: str) -> None:
+    import ray
+    from ray.cluster_utils import AutoscalingCluster
+
+    cluster = AutoscalingCluster(head_resources={"CPU": 2}, worker_node_types={
+        "cpu_node": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}})
+    cluster.start()  # note: `ray stop --force` first, so this drill runs apart from other Ray clusters
+    try:
+        ray.init("auto")
+        metrics = start_endless_run(data, storage)
+        wait_for(lambda: any(ws == 1 for _, ws in world_sizes(metrics)), "the run to start at min workers")
+        wait_for(lambda: any(ws == 2 for _, ws in world_sizes(metrics)), "the autoscaler to add a node")
+        print("WORLD_SIZES " + json.dumps(world_sizes(metrics)), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    os._exit(0)
+
+
+def main(data: str, storage: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=NODE)
+    second = cluster.add_node(**NODE)
+    ray.init(address=cluster.address)
+    metrics = start_endless_run(data, storage)
     wait_for(lambda: any(ws == 2 and s >= 25 for s, ws in world_sizes(metrics)), "2 workers past a checkpoint")
     cluster.remove_node(second)
     removed_at = max(s for s, _ in world_sizes(metrics))
@@ -67,4 +93,4 @@ def main(data: str, storage: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    autoscale(*sys.argv[2:]) if sys.argv[1] == "autoscale" else main(*sys.argv[1:])
