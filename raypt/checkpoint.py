@@ -11,7 +11,9 @@ import glob
 import json
 import os
 import re
+import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Optional
@@ -156,6 +158,39 @@ def prune(run_uri: str, keep: int, log: Callable[[str], None] = print) -> None:
     for uri in folders[:folders.index(good[-1])]:
         fs.delete_dir(storage.resolve(uri)[1])
         log(f"deleted old checkpoint {uri.rsplit('/', 1)[-1]}")
+
+
+class Uploader:
+    """Moves a rank's checkpoint part into the run's storage on one background thread, so training goes on.
+
+    Ray's checkpoint registry is not used: its keep-K cannot know which checkpoints verify, and it refuses to
+    resume a run whose registered checkpoints were pruned. raypt's state file is the registry.
+    """
+
+    def __init__(self, run_uri: str, keep: int, prunes: bool):
+        self.run_uri, self.keep, self.prunes = run_uri, keep, prunes
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypt-upload")
+        self.pending: Optional[Future] = None
+
+    def submit(self, local: str, step: int) -> None:
+        self.wait()  # one upload in flight: checkpoints land in step order
+        self.pending = self.pool.submit(self._upload, local, step)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def _upload(self, local: str, step: int) -> None:
+        fs, path = storage.resolve(storage.join(self.run_uri, f"step{step:06d}"))
+        fs.create_dir(path, recursive=True)
+        local_fs = pafs.LocalFileSystem()
+        for name in sorted(os.listdir(local), key=lambda n: n == STATE):  # the state file lands last
+            pafs.copy_files(os.path.join(local, name), f"{path}/{name}", source_filesystem=local_fs,
+                            destination_filesystem=fs)
+        shutil.rmtree(local, ignore_errors=True)
+        if self.prunes:
+            prune(self.run_uri, self.keep, log=lambda m: None)
 
 
 @contextmanager

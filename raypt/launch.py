@@ -53,7 +53,7 @@ def use_gpu(cfg: JobConfig) -> bool:
 
 def build_trainer(cfg: JobConfig, sink=None, callbacks: list | None = None):
     """A pure function of the validated config (plus where metrics go), so Tune trials can call it too."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raypt.loop import train_loop
@@ -70,8 +70,6 @@ def build_trainer(cfg: JobConfig, sink=None, callbacks: list | None = None):
         scaling_config=ScalingConfig(num_workers=w if isinstance(w, int) else (w.min, w.max), use_gpu=gpu,
                                      resources_per_worker=resources, **elastic),
         run_config=RunConfig(name=cfg.run.name, storage_path=base, storage_filesystem=fs, callbacks=callbacks,
-                             # raypt prunes itself: Ray's keep-K cannot know which checkpoints verify.
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
                              failure_config=FailureConfig(max_failures=f.max_failures,
                                                           max_preemption_failures=f.max_preemption_failures)),
     )

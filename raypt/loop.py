@@ -64,6 +64,7 @@ class Worker:
         self.run_uri = storage.join(cfg.run.storage, cfg.run.name)
         preemption.set_grace(cfg.failure.sigterm_grace_s)
         self.faults = Faults(cfg.faults, self.run_uri, self.rank)
+        self.uploader = checkpoint.Uploader(self.run_uri, cfg.checkpoint.keep, prunes=self.rank == 0)
         log = self.note if self.rank == 0 else (lambda message: None)
         resumed = checkpoint.latest_good(self.run_uri, log) or cfg.run.resume_from
         with checkpoint.local_copy(resumed) if resumed else nullcontext() as directory:
@@ -116,29 +117,27 @@ class Worker:
             loss_sum += loss.item()
         return loss_sum / self.accum, wait, ids
 
-    def save(self, metrics: dict, wait_for_upload: bool = False) -> float:
-        """Write this rank's part, hand it to Ray's upload (async unless the process is about to exit), and
-        prune old checkpoints; returns seconds."""
+    def save(self, record: dict, wait_for_upload: bool = False) -> None:
+        """Write this rank's part, make the metrics it covers durable, then upload in the background (in the
+        foreground when the process is about to exit). `checkpoint_s` is the time training was held up."""
         t = time.perf_counter()
         local = tempfile.mkdtemp(prefix=f"raypt-{self.cfg.run.name}-{self.state.step}-r{self.rank}-")
         checkpoint.save(self.engine, local, self.state)
         self.faults.after_save(self.state.step, local)
-        mode = ray.train.CheckpointUploadMode
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                         checkpoint_dir_name=f"step{self.state.step:06d}",
-                         checkpoint_upload_mode=mode.SYNC if wait_for_upload else mode.ASYNC)
-        if self.rank == 0:
-            checkpoint.prune(self.run_uri, self.cfg.checkpoint.keep, log=lambda m: None)
-        return time.perf_counter() - t
+        record["checkpoint_s"] = time.perf_counter() - t
+        if self.rank == 0:  # before the checkpoint can land: a resume from it must find every step's record
+            self.sink.log.remote(record)
+            ray.get(self.sink.flush.remote())
+        self.uploader.submit(local, self.state.step)
+        if wait_for_upload:
+            self.uploader.wait()
+        ray.train.report(record)  # rank 0's metrics reach Ray (and Tune) at every checkpoint
 
     def preempted(self, record: dict) -> None:
         """A rank got SIGTERM: all commit this step (the watchdog ends the signalled rank if the grace period
         runs out first), then the signalled rank leaves and Ray Train restarts the group from this step."""
         record["preempted"] = True
-        record["checkpoint_s"] = self.save(record, wait_for_upload=True)
-        if self.rank == 0:
-            self.sink.log.remote(record)
-            ray.get(self.sink.poll.remote())  # flush before the group is torn down
+        self.save(record, wait_for_upload=True)
         if preemption.signalled():
             preemption.exit_now()
 
@@ -192,13 +191,14 @@ class Worker:
                 record["sample_ids"] = self.sample_ids(ids)
             if step % c.train.eval_every == 0 or step == steps:
                 record["val_loss"] = self.evaluate(val)
+            notable = "val_loss" in record or "resumed_from" in record
             if preempted:
                 self.preempted(record)
             elif self.node_draining(step) or step % c.checkpoint.every == 0 or step == steps:
-                record["checkpoint_s"] = self.save(record)
-            notable = "val_loss" in record or "resumed_from" in record or step == steps
-            if self.rank == 0 and (step % c.run.log_every == 0 or notable):
+                self.save(record)
+            elif self.rank == 0 and (step % c.run.log_every == 0 or notable):
                 self.sink.log.remote(record)
+        self.uploader.wait()  # the last checkpoint is in storage before the worker reports success
 
 
 def train_loop(loop_config: dict) -> None:

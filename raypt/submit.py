@@ -9,7 +9,7 @@ import time
 from raypt import config
 
 # The code and jobs travel with the job; environments, outputs and data do not (data lives on shared storage).
-EXCLUDES = [".venv", ".git", "runs", "data", "benchmarks/results", "**/__pycache__", "*.egg-info"]
+EXCLUDES = ["runs", "data", "benchmarks/results", "**/__pycache__", "*.egg-info"]  # Ray skips .git, .venv
 
 
 def entrypoint(job: str, overrides: list[str], cfg: config.JobConfig) -> str:

@@ -7,6 +7,8 @@ import warnings
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Token authentication on, as Ray 2.60 heads started with `ray start` require; read once when ray is imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # fits end ~2 s sooner
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
