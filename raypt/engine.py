@@ -1,11 +1,15 @@
 """DeepSpeed engine from the job config: device and precision auto-detected, batch split from the world size."""
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 
 import torch
 
 from raypt.config import JobConfig
+
+log = logging.getLogger(__name__)
 
 
 def accelerator() -> str:
@@ -62,11 +66,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def load_ops(cfg: JobConfig) -> None:
+    """Build DeepSpeed's JIT ops under a kernel lock: torch's build lock is a plain file that a worker killed
+    mid-build (a resize, a preemption) leaves behind, and every later restart on that node would wait on it forever."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory, get_default_build_root
+
+    names = (["ShareMemCommBuilder"] if accelerator() == "cpu" else []) + (
+        ["CPUAdamBuilder"] if cfg.deepspeed.offload == "cpu" else [])
+    builders = [b for b in map(get_accelerator().create_op_builder, names) if b is not None and b.is_compatible(False)]
+    if not builders:
+        return
+    os.makedirs(get_default_build_root(), exist_ok=True)
+    with open(os.path.join(get_default_build_root(), "raypt-build.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the kernel drops it when its holder dies
+        for builder in builders:
+            stale = os.path.join(_get_build_directory(builder.name, False), "lock")
+            if os.path.exists(stale):
+                log.warning("removing %s, left by a process killed while building %s", stale, builder.name)
+                os.remove(stale)
+            builder.load(verbose=False)
+
+
 def build_engine(model: torch.nn.Module, cfg: JobConfig, world: int):
     """Offload needs DeepSpeed's CPU Adam; otherwise torch's AdamW (fused on CUDA) skips a JIT build."""
     os.environ.setdefault("DS_ACCELERATOR", accelerator())
     import deepspeed
 
+    load_ops(cfg)
     conf = ds_config(cfg, world)
     groups = param_groups(model, cfg.train.weight_decay)
     optimizer = None

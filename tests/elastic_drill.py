@@ -34,7 +34,7 @@ def wait_for(condition, what: str, timeout: float = 240.0) -> None:
         time.sleep(0.5)
 
 
-def start_endless_run(data: str, storage: str) -> str:
+def start_endless_run(data: str, storage: str, resize_interval_s: int = 5) -> str:
     """An elastic run (1..2 workers) that never ends by itself; returns its metrics file."""
     from raypt import config
     from raypt.launch import train
@@ -43,21 +43,37 @@ def start_endless_run(data: str, storage: str) -> str:
         f"data.path={data}", f"run.storage={storage}", "run.name=elastic", "model.hidden_size=64",
         "model.num_layers=2", "model.num_heads=2", "train.steps=100000", "train.global_batch=8",
         "train.micro_batch=2", "train.eval_every=100000", "checkpoint.every=20", "failure.max_failures=5",
-        "scaling.workers={min: 1, max: 2}", "scaling.resize_interval_s=5", "scaling.cpus_per_worker=1.5"])
+        "scaling.workers={min: 1, max: 2}", f"scaling.resize_interval_s={resize_interval_s}", "scaling.cpus_per_worker=1.5"])
     threading.Thread(target=lambda: train(cfg), daemon=True).start()
     return os.path.join(storage, "elastic", "metrics.jsonl")
+
+
+FAKE_PROVIDER_CONFIG = {  # Ray's fake_multinode example config, which the Ray wheel does not ship
+    "cluster_name": "fake_multinode", "max_workers": 8, "head_node_type": "ray.head.default",
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1, "docker": {}, "file_mounts": {},
+    "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+    "head_start_ray_commands": [], "worker_start_ray_commands": [], "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": []}
 
 
 def autoscale(data: str, storage: str) -> None:
     import ray
     from ray.cluster_utils import AutoscalingCluster
 
-    cluster = AutoscalingCluster(head_resources={"CPU": 2}, worker_node_types={
+    class FakeAutoscalingCluster(AutoscalingCluster):
+        def _generate_config(self, head_resources, worker_node_types, **_):
+            head = {"resources": head_resources, "node_config": {}, "max_workers": 0}
+            return {**FAKE_PROVIDER_CONFIG, "available_node_types": {**worker_node_types, "ray.head.default": head}}
+
+    cluster = FakeAutoscalingCluster(head_resources={"CPU": 2}, worker_node_types={
         "cpu_node": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}})
     cluster.start()  # note: `ray stop --force` first, so this drill runs apart from other Ray clusters
     try:
         ray.init("auto")
-        metrics = start_endless_run(data, storage)
+        # The autoscaler adds the node within seconds; a slower resize check lets the 1-worker group take steps first.
+        metrics = start_endless_run(data, storage, resize_interval_s=40)
         wait_for(lambda: any(ws == 1 for _, ws in world_sizes(metrics)), "the run to start at min workers")
         wait_for(lambda: any(ws == 2 for _, ws in world_sizes(metrics)), "the autoscaler to add a node")
         print("WORLD_SIZES " + json.dumps(world_sizes(metrics)), flush=True)

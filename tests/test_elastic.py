@@ -23,7 +23,8 @@ def run_drill(*args: str) -> list[tuple[int, int]]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     line = next((ln for ln in out.splitlines() if ln.startswith("WORLD_SIZES ")), None)
-    assert line, out[-3000:]
+    timeouts = [ln for ln in out.splitlines() if "elastic drill: timed out" in ln]
+    assert line, "\n".join(timeouts) or out[-3000:]
     return json.loads(line.split(" ", 1)[1])
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -103,3 +105,18 @@ def test_one_worker_checkpoint_resumes_on_two_workers(ray_cluster, make_job):
         assert abs(got[step]["loss"] - src[step]["loss"]) <= 1e-4, step
     state = json.load(open(os.path.join(run_dir(cfg), f"step{STEPS:06d}", "raypt_state.json")))
     assert state["world_size"] == 2 and state["samples_seen"] == STEPS * cfg.train.global_batch
+
+
+def test_build_lock_left_by_a_killed_worker_does_not_hang_restarts(make_job):
+    """A worker killed while DeepSpeed JIT-builds its ops leaves torch's plain-file lock; restarts must go on."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    cfg = make_job("deepspeed.offload=cpu")
+    builders = [get_accelerator().create_op_builder(n) for n in ("ShareMemCommBuilder", "CPUAdamBuilder")]
+    locks = [os.path.join(_get_build_directory(b.name, False), "lock") for b in builders if b is not None]
+    for lock in locks:
+        open(lock, "w").close()
+    code = "import sys; from raypt import config, engine; engine.load_ops(config.JobConfig.model_validate_json(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", code, cfg.model_dump_json()], check=True, timeout=600)
+    assert not any(map(os.path.exists, locks))
