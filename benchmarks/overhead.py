@@ -43,7 +43,7 @@ def bare_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, ro
     else:
         torch.cuda.set_device(rank)
     deepspeed.init_distributed(dist_backend="nccl" if accelerator() == "cuda" else "gloo")
-    model = clm.build_model(cfg.model, read_manifest(cfg.data.path), cfg.run.seed)
+    model = clm.build_model(cfg, {"text": read_manifest(cfg.data.path)}, cfg.run.seed)
     # The same recipe (decay / no-decay groups) as raypt, so the ratio measures the framework, not the recipe.
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, fused=accelerator() == "cuda")

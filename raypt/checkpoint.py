@@ -74,7 +74,7 @@ def save(engine, directory: str, state: TrainState) -> None:
     _link_optimizer_state(engine)
     mine: dict[str, torch.Tensor] = {}
     for i, (name, param) in enumerate(engine.module.named_parameters()):
-        for key in (None, *MOMENTS):
+        for key in (None, *MOMENTS) if param.requires_grad else (None,):  # frozen ones have no Adam state
             value = _full(param, key, base)
             if i % world == rank:
                 mine[f"{key or 'param'}/{name}"] = value
@@ -245,6 +245,8 @@ def load_optimizer(engine, directory: str, body: dict) -> None:
     for key in MOMENTS:
         full = _tensors(directory, key)
         for name, param in engine.module.named_parameters():
+            if not param.requires_grad:
+                continue
             if getattr(param, "ds_id", None) is None and not hasattr(param, "_hp_mapping"):
                 base.state[param][key].copy_(full[name])
             else:

@@ -57,10 +57,14 @@ def run(args: argparse.Namespace) -> int:
         from raypt.data.prepare import prepare
 
         cfg = config.load(args.job, args.overrides, check_data=False)
-        manifest = prepare(cfg.data.path, cfg.data.prepare)
-        rows = {k: v["rows"] for k, v in manifest["splits"].items()}
-        print(f"prepared {cfg.data.path}: {manifest['documents']} documents, vocab {manifest['vocab_size']}, "
-              f"sequences of {manifest['seq_len']} tokens: {json.dumps(rows)}")
+        for source in cfg.data.mix():
+            manifest = prepare(source.path, source.prepare, cfg.data)
+            rows = {k: v["rows"] for k, v in manifest["splits"].items()}
+            shape = (f"vocab {manifest['vocab_size']}, sequences of {manifest['seq_len']} tokens"
+                     if manifest["modality"] == "text" else f"{manifest['modality']} records")
+            skipped = manifest["bad_records"]["count"]
+            print(f"prepared {source.name} in {source.path}: {manifest['documents']} documents, {shape}: "
+                  f"{json.dumps(rows)}" + (f"; skipped {skipped} bad records (listed in its manifest)" if skipped else ""))
         return 0
     if args.command == "train":
         from raypt.launch import TrainingFailed, train

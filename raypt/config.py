@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -20,6 +21,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
+    task: Literal["clm", "mae", "multimodal"] = Field("clm", description="what the model learns; see raypt/tasks")
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -28,6 +30,10 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0)
     tie_embeddings: bool = False
     init_std: float = Field(0.02, gt=0)
+    patch_size: int = Field(4, ge=1, description="image patch side; audio: mel frames per token")
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="MAE: share of patches hidden from the encoder")
+    decoder_hidden_size: int = Field(64, ge=8)
+    decoder_layers: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -39,7 +45,16 @@ class ModelConfig(Section):
 
 
 class PrepareConfig(Section):
-    source: Literal["stdlib"] = "stdlib"
+    """How `raypt data prepare` turns raw files into shards; inputs are files, folders or globs, local or s3://."""
+    source: Literal["stdlib", "text", "images", "audio", "skimage", "stdlib-audio"] = Field(
+        "stdlib", description="stdlib (code), skimage (images) and stdlib-audio ship with the install; text, images "
+        "and audio read data.prepare.inputs")
+    inputs: list[str] = Field(default_factory=list, description="text: .txt/.jsonl/.parquet; images: image files "
+                              "or .parquet; audio: .wav/.flac")
+    text_field: str = Field("text", description="JSONL key or Parquet column holding a document")
+    image_field: str = Field("image", description="Parquet column holding encoded image bytes")
+    tokenizer: Optional[str] = Field(None, description="a prepared dataset whose tokenizer to reuse: text "
+                                     "sources mixed in one run must share one vocabulary")
     max_bytes: int = Field(6_000_000, ge=10_000)
     vocab_size: int = Field(2048, ge=260, le=262144)
     seq_len: int = Field(128, ge=8)
@@ -47,10 +62,81 @@ class PrepareConfig(Section):
     rows_per_group: int = Field(256, ge=1)
 
 
+class ImageConfig(Section):
+    size: int = Field(32, ge=8, description="side of the square crops fed to the model")
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    flip: bool = True
+    jitter: float = Field(0.4, ge=0, le=1, description="brightness/contrast/saturation jitter strength")
+    views: Literal[1, 2] = Field(1, description="augmented views per image (2 for contrastive tasks)")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class AudioConfig(Section):
+    sample_rate: int = Field(16000, ge=1000)
+    seconds: float = Field(1.0, gt=0, description="clip length: longer audio is cropped, shorter zero-padded")
+    n_mels: int = Field(40, ge=8)
+    n_fft: int = Field(400, ge=16)
+    hop: int = Field(160, ge=1)
+
+
+class SourceConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    path: str = Field(description="a prepared dataset (its manifest.json), local or s3://")
+    weight: float = Field(1.0, ge=0, description="share of every global batch, as exact counts")
+    prepare: PrepareConfig = PrepareConfig()
+
+
+class StageConfig(Section):
+    at_tokens: int = Field(ge=1, description="global tokens seen from which these weights hold")
+    weights: dict[str, float]
+
+
 class DataConfig(Section):
     path: str = "data/stdlib"
+    sources: list[SourceConfig] = Field(default_factory=list, description="a mix; empty = data.path alone")
+    stages: list[StageConfig] = Field(default_factory=list, description="weights that change at token counts")
     prefetch_batches: int = Field(4, ge=0)
     prepare: PrepareConfig = PrepareConfig()
+    image: ImageConfig = ImageConfig()
+    audio: AudioConfig = AudioConfig()
+    on_bad_record: Literal["skip", "fail"] = Field("skip", description="a record `data prepare` cannot read")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="skip no more than this share of records")
+
+    @model_validator(mode="after")
+    def _mix_is_consistent(self) -> "DataConfig":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources: names must be unique, got {names}")
+        if self.sources and not sum(s.weight for s in self.sources) > 0:
+            raise ValueError("data.sources: at least one weight must be > 0")
+        allowed = names or ["main"]
+        last = 0
+        for i, stage in enumerate(self.stages):
+            unknown = sorted(set(stage.weights) - set(allowed))
+            if unknown:
+                raise ValueError(f"data.stages.{i}.weights: unknown source {unknown[0]!r}; sources are {allowed}")
+            if any(w < 0 for w in stage.weights.values()) or not sum(stage.weights.values()) > 0:
+                raise ValueError(f"data.stages.{i}.weights: got {stage.weights}; weights must be >= 0, one > 0")
+            if stage.at_tokens <= last:
+                raise ValueError(f"data.stages.{i}.at_tokens: got {stage.at_tokens}; stages must start in "
+                                 f"increasing token order (previous {last})")
+            last = stage.at_tokens
+        return self
+
+    def mix(self) -> list[SourceConfig]:
+        """The sources of a run: `data.sources`, or `data.path` alone as the source 'main'."""
+        return self.sources or [SourceConfig(name="main", path=self.path, prepare=self.prepare)]
+
+    def stage_weights(self) -> list[tuple[int, list[float]]]:
+        """(at_tokens, weight per source) from the start, each stage naming only the weights it changes."""
+        weights = [s.weight for s in self.mix()]
+        out = [(0, list(weights))]
+        for stage in self.stages:
+            names = [s.name for s in self.mix()]
+            weights = [stage.weights.get(n, w) for n, w in zip(names, weights)]
+            out.append((stage.at_tokens, list(weights)))
+        return out
 
 
 class ScheduleConfig(Section):
@@ -132,6 +218,19 @@ class RunConfig(Section):
     resume_from: Optional[str] = Field(None, description="a checkpoint folder to start from (any world size)")
 
 
+class S3Config(Section):
+    """Where s3:// paths live. Credentials come from the standard AWS environment or a named profile, never from
+    the job file: job files end up in version control, logs and checkpoints."""
+    endpoint: Optional[str] = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO; unset = AWS")
+    region: Optional[str] = None
+    profile: Optional[str] = Field(None, description="a profile of ~/.aws/credentials")
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables these settings stand for, so every process (read tasks too) sees them."""
+        pairs = (("AWS_ENDPOINT_URL", self.endpoint), ("AWS_REGION", self.region), ("AWS_PROFILE", self.profile))
+        return {k: v for k, v in pairs if v}
+
+
 class JobConfig(Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -142,6 +241,7 @@ class JobConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     failure: FailureConfig = FailureConfig()
     faults: FaultsConfig = FaultsConfig()
+    s3: S3Config = S3Config()
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "JobConfig":
@@ -237,24 +337,53 @@ def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, ch
         raise ConfigError(_format_error(e, raw)) from None
     for section, key in (("data", "path"), ("run", "storage"), ("run", "resume_from")):  # workers have another cwd
         sub = getattr(cfg, section)
-        value = getattr(sub, key)
-        if value and "://" not in value:
-            setattr(sub, key, str(Path(value).expanduser().resolve()))
+        setattr(sub, key, absolute(getattr(sub, key)))
+    os.environ.update(cfg.s3.env())  # this process's S3 access; launch hands the same to every Ray process
+    for source in cfg.data.sources:
+        source.path = absolute(source.path)
+    for prep in [cfg.data.prepare, *(s.prepare for s in cfg.data.sources)]:
+        prep.inputs = [absolute(i) for i in prep.inputs]
+        prep.tokenizer = absolute(prep.tokenizer)
     if check_data:
         check_data_path(cfg)
     return cfg
 
 
-def check_data_path(cfg: JobConfig) -> None:
-    from raypt.data.manifest import read_manifest
+def absolute(path: Optional[str]) -> Optional[str]:
+    return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
 
-    try:
-        manifest = read_manifest(cfg.data.path)
-    except FileNotFoundError:
-        raise ConfigError(f"data.path: '{cfg.data.path}' holds no prepared dataset (manifest.json missing); "
-                          f"create it with `raypt data prepare JOB`") from None
-    if manifest["seq_len"] < 2:
-        raise ConfigError(f"data.path: '{cfg.data.path}' has seq_len {manifest['seq_len']}; need >= 2")
+
+def source_field(cfg: JobConfig, i: int) -> str:
+    return f"data.sources.{i}.path" if cfg.data.sources else "data.path"
+
+
+def check_data_path(cfg: JobConfig) -> list[dict]:
+    """Every source is prepared, readable and fits the task; returns the manifests, in mix order."""
+    from raypt import storage
+    from raypt.data.manifest import modality, read_manifest
+    from raypt.tasks import MODALITIES
+
+    manifests = []
+    for i, source in enumerate(cfg.data.mix()):
+        try:
+            manifests.append(read_manifest(source.path))
+        except FileNotFoundError:
+            raise ConfigError(f"{source_field(cfg, i)}: '{source.path}' holds no prepared dataset (manifest.json "
+                              f"missing); create it with `raypt data prepare JOB`") from None
+        except storage.StorageError as e:
+            raise ConfigError(f"{source_field(cfg, i)}: {e}") from None
+    takes = MODALITIES[cfg.model.task]
+    for i, m in enumerate(manifests):
+        if modality(m) not in takes:
+            raise ConfigError(f"{source_field(cfg, i)}: holds {modality(m)} data, which model.task "
+                              f"'{cfg.model.task}' does not take (it takes {', '.join(takes)})")
+        if modality(m) == "text" and m["seq_len"] < 2:
+            raise ConfigError(f"{source_field(cfg, i)}: '{m['root']}' has seq_len {m['seq_len']}; need >= 2")
+    vocabularies = {m["tokenizer_sha256"] for m in manifests if modality(m) == "text" and "tokenizer_sha256" in m}
+    if len(vocabularies) > 1:
+        raise ConfigError("data.sources: the text sources were tokenized with different tokenizers; prepare them "
+                          "with data.sources.N.prepare.tokenizer set to one of them")
+    return manifests
 
 
 def to_dict(cfg: JobConfig) -> dict:

@@ -69,6 +69,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def load_ops(cfg: JobConfig) -> None:
     """Build DeepSpeed's JIT ops under a kernel lock: torch's build lock is a plain file that a worker killed
     mid-build (a resize, a preemption) leaves behind, and every later restart on that node would wait on it forever."""
+    os.environ.setdefault("DS_ACCELERATOR", accelerator())
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory, get_default_build_root
 
@@ -90,10 +91,9 @@ def load_ops(cfg: JobConfig) -> None:
 
 def build_engine(model: torch.nn.Module, cfg: JobConfig, world: int):
     """Offload needs DeepSpeed's CPU Adam; otherwise torch's AdamW (fused on CUDA) skips a JIT build."""
-    os.environ.setdefault("DS_ACCELERATOR", accelerator())
+    load_ops(cfg)
     import deepspeed
 
-    load_ops(cfg)
     conf = ds_config(cfg, world)
     groups = param_groups(model, cfg.train.weight_decay)
     optimizer = None

@@ -1,30 +1,23 @@
-"""Hugging Face export (safetensors + config + tokenizer) that transformers loads without raypt, and sampling."""
+"""Export a checkpoint through its task (Hugging Face folders for text and MAE) and sample from a text export."""
 from __future__ import annotations
 
 import os
-import tempfile
 
-import pyarrow.fs as pafs
 import torch
 
-from raypt import checkpoint, storage
+from raypt import checkpoint
 from raypt.config import JobConfig
 from raypt.data.manifest import read_manifest
-from raypt.tasks import clm
+from raypt.tasks import by_modality, get_task
 
 
 def export(checkpoint_dir: str, cfg: JobConfig, out_dir: str) -> str:
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     checkpoint.read_state(checkpoint_dir)  # refuse a torn checkpoint
-    manifest = read_manifest(cfg.data.path)
-    model = LlamaForCausalLM(clm.hf_config(cfg.model, manifest))
+    manifests = by_modality([read_manifest(s.path) for s in cfg.data.mix()])
+    task = get_task(cfg.model.task)
+    model = task.build_model(cfg, manifests, cfg.run.seed)
     checkpoint.load_weights(model, checkpoint_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    fs, root = storage.resolve(storage.join(cfg.data.path, manifest["tokenizer"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        pafs.copy_files(root, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        AutoTokenizer.from_pretrained(tmp).save_pretrained(out_dir)
+    task.export(model, cfg, manifests, out_dir)
     return out_dir
 
 

@@ -7,6 +7,7 @@ import time
 import warnings
 from contextlib import nullcontext
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -14,13 +15,14 @@ import torch.distributed as dist
 from raypt import checkpoint, preemption, storage
 from raypt.checkpoint import TrainState
 from raypt.config import JobConfig, from_dict
-from raypt.data.manifest import read_manifest
+from raypt.data.manifest import modality, read_manifest
+from raypt.data.mix import MixPlan
 from raypt.data.stream import RankStream
 from raypt.engine import accelerator, build_engine, grad_accumulation, set_lr
 from raypt.faults import Faults
 from raypt.metrics import peak_flops
 from raypt.schedules.lr import lr_at
-from raypt.tasks import clm
+from raypt.tasks import by_modality, get_task
 
 preemption.install()
 
@@ -54,11 +56,17 @@ class Worker:
         self.threads = max(1, int(cfg.scaling.cpus_per_worker))
         if accelerator() == "cpu":
             torch.set_num_threads(self.threads)
-        self.manifest = read_manifest(cfg.data.path)
-        self.tokens_per_step = cfg.train.global_batch * self.manifest["seq_len"]
+        self.manifests = [read_manifest(s.path) for s in cfg.data.mix()]
+        self.task = get_task(cfg.model.task)
+        kinds = by_modality(self.manifests)
         self.accum = grad_accumulation(cfg, self.world)
-        model = clm.build_model(cfg.model, self.manifest, cfg.run.seed)
-        self.flops_per_token = clm.flops_per_token(model.config, self.manifest["seq_len"])
+        model = self.task.build_model(cfg, kinds, cfg.run.seed)
+        tokens = [self.task.tokens_per_sample(cfg, kinds, modality(m)) for m in self.manifests]
+        self.flops_per_sample = np.array([self.task.flops_per_sample(model, cfg, modality(m))
+                                          for m in self.manifests])
+        stages = [(at, np.array(w)) for at, w in cfg.data.stage_weights()]
+        self.plan = MixPlan(stages, cfg.train.global_batch, tokens)
+        self.val_plan = MixPlan(stages[:1], cfg.train.global_batch, tokens)
         self.state = TrainState(world_size=self.world, config_digest=cfg.digest())
         self.saved_for_drain = False
         self.run_uri = storage.join(cfg.run.storage, cfg.run.name)
@@ -90,13 +98,15 @@ class Worker:
 
     def stream(self, split: str, first_batch: int, num_batches: int, shuffle: bool):
         c = self.cfg
-        return RankStream(self.manifest, split, c.run.seed, shuffle, c.train.global_batch, self.world, self.rank,
-                          c.train.micro_batch, c.data.prefetch_batches).batches(first_batch, num_batches)
+        plan = self.plan if split == "train" else self.val_plan
+        return RankStream(self.manifests, plan, split, c.run.seed, shuffle, self.world, self.rank,
+                          c.train.micro_batch, c.data.prefetch_batches, c.data.image,
+                          c.data.audio).batches(first_batch, num_batches)
 
     def evaluate(self, batches: list[dict]) -> float:
         self.engine.eval()
         with torch.no_grad():
-            total = sum(clm.loss(self.engine, self.to_device(b)).item() for b in batches) / len(batches)
+            total = sum(self.task.loss(self.engine, self.to_device(b)).item() for b in batches) / len(batches)
         self.engine.train()
         return mean_over_ranks(total, device=self.engine.device)[0]
 
@@ -111,7 +121,7 @@ class Worker:
             batch = next(batches)
             wait += time.perf_counter() - t
             ids.append(batch.pop("sample_id"))
-            loss = clm.loss(self.engine, self.to_device(batch))
+            loss = self.task.loss(self.engine, self.to_device(batch))
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.item()
@@ -151,6 +161,12 @@ class Worker:
         self.saved_for_drain = True
         return True
 
+    def bad_records(self) -> dict:
+        """What `data prepare` skipped, per source, so the run's own metrics say what it trained without."""
+        counts = {s.name: m["bad_records"]["count"] for s, m in zip(self.cfg.data.mix(), self.manifests)
+                  if m.get("bad_records", {}).get("count")}
+        return {"bad_records": counts} if counts else {}
+
     def sample_ids(self, ids: list[torch.Tensor]) -> list[int]:
         """The step's sample ids from every rank, in global-batch order (for resume audits)."""
         mine = torch.cat(ids).to(self.engine.device)
@@ -167,12 +183,12 @@ class Worker:
         if start == 0:
             v = self.evaluate(val)
             if self.rank == 0:
-                self.sink.log.remote({"step": 0, "tokens_seen": 0, "val_loss": v})
+                self.sink.log.remote({"step": 0, "tokens_seen": 0, "val_loss": v, **self.bad_records()})
         peak = peak_flops(self.threads) * self.world
         train = self.stream("train", start, steps - start, shuffle=True)
-        total_tokens = steps * self.tokens_per_step
+        total_tokens = self.plan.tokens_before(steps)
         for step in range(start + 1, steps + 1):
-            lr = lr_at(step * self.tokens_per_step, total_tokens, c.train.lr, c.train.schedule)
+            lr = lr_at(self.plan.tokens_before(step), total_tokens, c.train.lr, c.train.schedule)
             set_lr(self.engine, lr)
             self.faults.before_step(step)
             t0 = time.perf_counter()
@@ -180,10 +196,12 @@ class Worker:
             loss, wait, preempted = mean_over_ranks(loss, wait, preemption.signalled(), device=self.engine.device)
             seconds = time.perf_counter() - t0
             self.state.step, self.state.world_size = step, self.world
-            self.state.tokens_seen, self.state.samples_seen = step * self.tokens_per_step, step * c.train.global_batch
+            self.state.tokens_seen, self.state.samples_seen = self.plan.tokens_before(step), step * c.train.global_batch
+            step_tokens = self.state.tokens_seen - self.plan.tokens_before(step - 1)
+            counts = self.plan.counts[self.plan.stage(step - 1)]
             record = {"step": step, "loss": loss, "lr": lr, "tokens_seen": self.state.tokens_seen,
-                      "samples_seen": self.state.samples_seen, "tokens_per_s": self.tokens_per_step / seconds,
-                      "mfu": self.flops_per_token * self.tokens_per_step / seconds / peak,
+                      "samples_seen": self.state.samples_seen, "tokens_per_s": step_tokens / seconds,
+                      "mfu": float(counts @ self.flops_per_sample) / seconds / peak,
                       "step_time_s": seconds, "data_wait_s": wait, "world_size": self.world, "time": time.time()}
             if step == start + 1 and start > 0:
                 record["resumed_from"] = start

@@ -1,17 +1,56 @@
 """One way to reach a path, local or s3://, so every module reads and writes storage the same way."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import pyarrow.fs as pafs
 
 
+S3_ATTEMPTS = 3
+
+
+class StorageError(OSError):
+    """Storage that cannot be reached or refuses us, said in words a user can act on (never with a secret)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _s3(endpoint: str | None, region: str | None, bucket: str) -> pafs.S3FileSystem:
+    """Bounded retries and timeouts: an unreachable endpoint or refused credentials fail in seconds, never hang."""
+    scheme, _, host = endpoint.partition("://") if endpoint else ("https", "", "")
+    if not region and not endpoint:
+        region = pafs.resolve_s3_region(bucket)
+    return pafs.S3FileSystem(endpoint_override=host or None, scheme=scheme, region=region or "us-east-1",
+                             connect_timeout=5, request_timeout=30,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it; s3:// honours the standard AWS environment."""
+    if uri.startswith("s3://"):
+        path = uri[len("s3://"):].rstrip("/")
+        env = os.environ
+        return _s3(env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"), path.split("/", 1)[0]), path
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def explain(uri: str, error: OSError) -> StorageError:
+    """Turn the AWS SDK's error into what went wrong and what to check."""
+    text = str(error)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    if "NETWORK_CONNECTION" in text or "curlCode" in text or "Couldn't connect" in text:
+        why = f"cannot reach the S3 endpoint {endpoint} (gave up after {S3_ATTEMPTS} attempts)"
+    elif any(k in text for k in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+        why = (f"{endpoint} refused the credentials; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or s3.profile")
+    elif "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
+        why = f"the bucket does not exist at {endpoint}"
+    else:
+        why = text.splitlines()[0]
+    return StorageError(f"'{uri}': {why}")
 
 
 def join(base: str, *parts: str) -> str:
@@ -26,7 +65,7 @@ def read_json(uri: str) -> dict:
     except (FileNotFoundError, OSError) as e:
         if isinstance(e, FileNotFoundError) or "not found" in str(e).lower() or "does not exist" in str(e).lower():
             raise FileNotFoundError(uri) from None
-        raise
+        raise explain(uri, e) from None
 
 
 def write_json(uri: str, obj: dict) -> None:

@@ -109,8 +109,12 @@ def test_one_worker_checkpoint_resumes_on_two_workers(ray_cluster, make_job):
 
 def test_build_lock_left_by_a_killed_worker_does_not_hang_restarts(make_job):
     """A worker killed while DeepSpeed JIT-builds its ops leaves torch's plain-file lock; restarts must go on."""
-    from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
+
+    from raypt.engine import accelerator
+
+    os.environ.setdefault("DS_ACCELERATOR", accelerator())
+    from deepspeed.accelerator import get_accelerator
 
     cfg = make_job("deepspeed.offload=cpu")
     builders = [get_accelerator().create_op_builder(n) for n in ("ShareMemCommBuilder", "CPUAdamBuilder")]

@@ -5,8 +5,18 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raypt.data.manifest import read_manifest, shard_uri
-from raypt.data.order import GlobalOrder, rank_positions
+from raypt.config import AudioConfig, ImageConfig
+from raypt.data.mix import MixPlan, rank_slots
+from raypt.data.order import GlobalOrder
 from raypt.data.stream import RankStream
+
+
+def single(global_batch: int) -> MixPlan:
+    return MixPlan([(0, np.array([1.0]))], global_batch, np.array([128]))
+
+
+def rank_positions(first: int, count: int, global_batch: int, world: int, rank: int) -> np.ndarray:
+    return rank_slots(single(global_batch), first, count, world, rank)[1]
 
 
 def sample_ids(manifest, order: GlobalOrder, positions) -> np.ndarray:
@@ -44,7 +54,8 @@ def test_stream_delivers_the_ordered_rows_and_resumes_mid_run(ray_cluster, tiny_
         for sid, ids in zip(t.column("sample_id").to_numpy(), t.column("input_ids").to_pylist()):
             table[int(sid)] = ids
     order = GlobalOrder(m, "train", seed=0)
-    stream = RankStream(m, "train", 0, True, global_batch=8, world=2, rank=1, micro=2, prefetch=2)
+    stream = RankStream([m], single(8), "train", 0, True, world=2, rank=1, micro=2, prefetch=2,
+                        image_cfg=ImageConfig(), audio_cfg=AudioConfig())
     full = [b for b in stream.batches(0, 6)]
     got = np.concatenate([b["sample_id"].numpy() for b in full])
     assert np.array_equal(got, sample_ids(m, order, rank_positions(0, 6, 8, 2, 1)))

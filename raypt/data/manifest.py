@@ -14,3 +14,8 @@ def read_manifest(root: str) -> dict:
 
 def shard_uri(manifest: dict, file_entry: dict) -> str:
     return storage.join(manifest["root"], file_entry["path"])
+
+
+def modality(manifest: dict) -> str:
+    """Token datasets written before modalities existed carry none: they are text."""
+    return manifest.get("modality", "text")

@@ -1,10 +1,12 @@
-"""Stream a rank's slice of the global order through Ray Data: read tasks run ahead with backpressure.
+"""Stream a rank's slice of the mixed global order through Ray Data: read tasks read, decode and run ahead.
 
-Each read task covers a window of global batches, reads every row group it needs once, and emits the rank's rows
-in global order; Ray Data runs tasks in parallel, prefetches, and preserves their order.
+Each read task covers a window of global batches: it reads every row group it needs once, decodes images and
+audio (augmentations seeded by each sample's global position, so a resume repeats them exactly) and emits the
+rank's samples in global order. Ray Data runs tasks in parallel, prefetches, and preserves their order.
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import Iterator
 
@@ -13,11 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypt import storage
-from raypt.data.manifest import shard_uri
-from raypt.data.order import GlobalOrder, rank_positions
+from raypt.data import decode
+from raypt.data.manifest import modality, shard_uri
+from raypt.data.mix import MixPlan, rank_slots
+from raypt.data.order import GlobalOrder
+
+SOURCE_BITS = 40  # sample ids of source s are s << 40 | the id inside the source: unique across a mix
+COLUMN = {"text": "input_ids", "image": "image", "audio": "audio"}
+BATCH_KEY = {"text": "input_ids", "image": "pixel_values", "audio": "audio_features"}
 
 
-def read_rows(uris: list[str], files: np.ndarray, groups: np.ndarray, rows: np.ndarray) -> dict:
+def read_rows(uris: list[str], files: np.ndarray, groups: np.ndarray, rows: np.ndarray, column: str) -> pa.Table:
     """Read each needed row group once and return the named rows in the order they were named."""
     keys = files.astype(np.int64) * (1 << 32) + groups
     tables, where, offset = [], np.empty(len(rows), dtype=np.int64), 0
@@ -25,34 +33,103 @@ def read_rows(uris: list[str], files: np.ndarray, groups: np.ndarray, rows: np.n
         sel = np.nonzero(keys == key)[0]
         fs, path = storage.resolve(uris[int(key >> 32)])
         with fs.open_input_file(path) as f:
-            tables.append(pq.ParquetFile(f).read_row_group(int(key & 0xFFFFFFFF)).take(rows[sel]))
+            group = pq.ParquetFile(f).read_row_group(int(key & 0xFFFFFFFF), columns=["sample_id", column])
+        tables.append(group.take(rows[sel]))
         where[sel] = offset + np.arange(len(sel))
         offset += len(sel)
-    table = pa.concat_tables(tables).take(where)
-    ids = table.column("input_ids").combine_chunks()
-    return {"sample_id": table.column("sample_id").to_numpy(),
-            "input_ids": ids.flatten().to_numpy().reshape(len(ids), -1).astype(np.int64)}
+    return pa.concat_tables(tables).take(where)
+
+
+class Source:
+    """One prepared dataset in the mix: its sample order and how its rows become arrays."""
+
+    def __init__(self, manifest: dict, split: str, seed: int, shuffle: bool):
+        self.modality = modality(manifest)
+        self.order = GlobalOrder(manifest, split, seed, shuffle)
+        self.uris = [shard_uri(manifest, f) for f in self.order.files]
+        self.root = manifest["root"]
+        self.seq_len = manifest.get("seq_len", 0)
 
 
 class RankStream:
-    """A rank's batches from global batch `first_batch` on: micro-batches of `micro` rows, in global order."""
+    """A rank's micro-batches from global batch `first_batch` on, each a dict of tensors in global order."""
 
-    def __init__(self, manifest: dict, split: str, seed: int, shuffle: bool, global_batch: int, world: int,
-                 rank: int, micro: int, prefetch: int):
-        self.order = GlobalOrder(manifest, split, seed, shuffle)
-        self.uris = [shard_uri(manifest, f) for f in self.order.files]
-        self.global_batch, self.world, self.rank, self.micro, self.prefetch = global_batch, world, rank, micro, prefetch
-        self.window = max(1, math.ceil(self.order.block_rows() / global_batch))
+    def __init__(self, manifests: list[dict], plan: MixPlan, split: str, seed: int, shuffle: bool, world: int,
+                 rank: int, micro: int, prefetch: int, image_cfg, audio_cfg):
+        self.sources = [Source(m, split, seed, shuffle) for m in manifests]
+        self.plan, self.seed, self.train = plan, seed, shuffle
+        self.world, self.rank, self.micro, self.prefetch = world, rank, micro, prefetch
+        self.image_cfg, self.audio_cfg = image_cfg, audio_cfg
+        self.modalities = sorted({s.modality for s in self.sources}, key=list(COLUMN).index)
+        global_batch = int(plan.counts[0].sum())
+        text_only = self.modalities == ["text"]
+        block = max(s.order.block_rows() for s in self.sources)
+        self.window = max(1, min(math.ceil(block / global_batch), 64 if text_only else 2))
+
+    def decode(self, src: int, positions: np.ndarray, table: pa.Table) -> np.ndarray:
+        source = self.sources[src]
+        if source.modality == "text":
+            ids = table.column("input_ids").combine_chunks()
+            return ids.flatten().to_numpy().reshape(len(ids), -1).astype(np.int64)
+        out = []
+        for pos, sid, data in zip(positions, table.column("sample_id").to_numpy(), table.column(COLUMN[source.modality]).to_pylist()):
+            rng = np.random.default_rng([self.seed, src, int(pos)]) if self.train else None
+            try:
+                out.append(self.image(data, rng) if source.modality == "image"
+                           else decode.audio_features(data, self.audio_cfg, rng))
+            except decode.BadRecord as e:
+                raise decode.BadRecord(f"{source.root}: sample {int(sid)} no longer decodes ({e}); "
+                                       f"it passed `raypt data prepare`, so the shard changed since") from None
+        return np.stack(out)
+
+    def image(self, data: bytes, rng) -> np.ndarray:
+        views = decode.image_views(data, self.image_cfg, rng)
+        return views[0] if self.image_cfg.views == 1 else views
+
+    def empty(self, mod: str) -> np.ndarray:
+        """A modality's zero-row array: every rank's micro-batch carries every modality of the mix."""
+        if mod == "text":
+            return np.zeros((0, max(s.seq_len for s in self.sources)), dtype=np.int64)
+        if mod == "image":
+            size, views = self.image_cfg.size, self.image_cfg.views
+            return np.zeros((0, *((views,) if views > 1 else ()), 3, size, size), dtype=np.float32)
+        return np.zeros((0, self.audio_cfg.n_mels, decode.audio_frames(self.audio_cfg)), dtype=np.float32)
 
     def read_window(self, item: dict) -> dict:
-        """Ray Data map: one window of global batches -> this rank's rows of it."""
+        """Ray Data map: one window of global batches -> this rank's samples of it, decoded, as one row."""
         start, count = int(item["start"][0]), int(item["count"][0])
-        positions = rank_positions(start, count, self.global_batch, self.world, self.rank)
-        return read_rows(self.uris, *self.order.locate(positions))
+        srcs, positions = rank_slots(self.plan, start, count, self.world, self.rank)
+        sample_ids = np.empty(len(srcs), dtype=np.int64)
+        parts: dict[str, list] = {mod: [] for mod in self.modalities}
+        for s in np.unique(srcs):
+            sel = np.nonzero(srcs == s)[0]
+            source = self.sources[s]
+            table = read_rows(source.uris, *source.order.locate(positions[sel]), column=COLUMN[source.modality])
+            sample_ids[sel] = (int(s) << SOURCE_BITS) | table.column("sample_id").to_numpy()
+            parts[source.modality].append((sel, self.decode(int(s), positions[sel], table)))
+        window = {"sample_id": sample_ids, "source": srcs}
+        for mod, pieces in parts.items():  # each modality's rows in the rank's order
+            rows = np.concatenate([sel for sel, _ in pieces]) if pieces else np.zeros(0, dtype=np.int64)
+            arrays = np.concatenate([a for _, a in pieces]) if pieces else self.empty(mod)
+            window[BATCH_KEY[mod]] = arrays[np.argsort(rows, kind="stable")]
+        buf = io.BytesIO()  # one row, as an .npz: a window's modalities have different row counts
+        np.savez(buf, **window)
+        return {"window": np.array([buf.getvalue()], dtype=object)}
+
+    def micro_batches(self, window: dict) -> Iterator[dict]:
+        import torch
+
+        modality_of = np.array([self.sources[s].modality for s in window["source"]])
+        for i in range(0, len(window["sample_id"]), self.micro):
+            batch = {"sample_id": torch.from_numpy(window["sample_id"][i:i + self.micro])}
+            for mod in self.modalities:
+                before = int(np.sum(modality_of[:i] == mod))
+                here = int(np.sum(modality_of[i:i + self.micro] == mod))
+                batch[BATCH_KEY[mod]] = torch.from_numpy(window[BATCH_KEY[mod]][before:before + here])
+            yield batch
 
     def batches(self, first_batch: int, num_batches: int) -> Iterator[dict]:
         import ray.data
-        import torch  # here, not at module level: read tasks unpickle this module and need no torch
 
         starts = range(first_batch, first_batch + num_batches, self.window)
         items = [{"start": s, "count": min(self.window, first_batch + num_batches - s)} for s in starts]
@@ -62,7 +139,7 @@ class RankStream:
         # that the training ranks need.
         ds = ds.map_batches(self.read_window, batch_size=1, num_cpus=0.25,
                             compute=ray.data.TaskPoolStrategy(size=min(2, len(items))))
-        # Whole windows cross the object store; slicing micro-batches here costs no per-batch Ray work.
-        for window in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch):
-            for i in range(0, len(window["sample_id"]), self.micro):
-                yield {k: torch.tensor(v[i:i + self.micro]) for k, v in window.items()}
+        for row in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch):
+            for packed in row["window"]:
+                with np.load(io.BytesIO(packed), allow_pickle=False) as window:
+                    yield from self.micro_batches(dict(window))

@@ -1,0 +1,120 @@
+"""Can the loader outrun the trainer? Samples/s and MB/s of raypt's Ray Data stream (text and images from local
+Parquet, text from S3 on moto's server) against the samples/s the quickstart and MAE jobs consume, plus each job's
+data-wait share of step time. One invocation, one machine: ratios, not absolute speeds.
+Usage: python benchmarks/ingest.py [--steps 40] [--batches 60]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_result  # noqa: E402
+
+from raypt import config, storage  # noqa: E402
+from raypt.launch import init_ray, train  # noqa: E402
+from raypt.metrics import read_metrics  # noqa: E402
+
+JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs")
+
+
+def job(name: str, *overrides: str):
+    cfg = config.load(os.path.join(JOBS, f"{name}.yaml"), list(overrides), check_data=False)
+    if not os.path.exists(os.path.join(cfg.data.path, "manifest.json")):
+        from raypt.data.prepare import prepare
+
+        prepare(cfg.data.path, cfg.data.prepare)
+    return cfg
+
+
+def loader_rate(cfg, path: str, batches: int) -> tuple[float, float]:
+    """(samples/s, MB/s) of one stream delivering whole global batches, as fast as it can."""
+    from raypt.data.manifest import read_manifest
+    from raypt.data.mix import MixPlan
+    from raypt.data.stream import RankStream
+
+    manifest = read_manifest(path)
+    plan = MixPlan([(0, np.array([1.0]))], cfg.train.global_batch, np.array([1]))
+    stream = RankStream([manifest], plan, "train", 0, True, 1, 0, cfg.train.global_batch,
+                        cfg.data.prefetch_batches, cfg.data.image, cfg.data.audio)
+    per_sample = sum(f["bytes"] for f in manifest["splits"]["train"]["files"]) / manifest["splits"]["train"]["rows"]
+    it = stream.batches(0, batches + 2)
+    next(it), next(it)  # start-up (task processes, first reads) is not throughput
+    t, samples = time.perf_counter(), 0
+    for batch in it:
+        samples += len(batch["sample_id"])
+    seconds = time.perf_counter() - t
+    return samples / seconds, samples * per_sample / seconds / 1e6
+
+
+def consumption(cfg, name: str, steps: int, storage_dir: str) -> tuple[float, float]:
+    """(samples/s the trainer takes, data wait / step time) of a short run of the job, start-up excluded."""
+    cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every = steps, steps, steps
+    cfg.run.storage, cfg.run.name = storage_dir, f"ingest-{name}"
+    records = [r for r in read_metrics(train(cfg)) if r.get("loss") is not None][2:]
+    step_time = sum(r["step_time_s"] for r in records)
+    return cfg.train.global_batch * len(records) / step_time, sum(r["data_wait_s"] for r in records) / step_time
+
+
+def s3_copy(local: str) -> tuple[subprocess.Popen, str]:
+    """The prepared text shards on moto's S3 server on 127.0.0.1, reached as a user's S3 would be."""
+    import socket
+
+    import boto3
+    import pyarrow.fs as pafs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+    for _ in range(100):
+        try:
+            boto3.client("s3").create_bucket(Bucket="ingest")
+            break
+        except Exception:  # the server is still starting
+            time.sleep(0.1)
+    fs, path = storage.resolve("s3://ingest/text")
+    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return server, "s3://ingest/text"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batches", type=int, default=60)
+    args = ap.parse_args()
+    text, image = job("quickstart"), job("mae")
+    server, s3_text = s3_copy(text.data.path)  # before Ray starts, so its processes see the endpoint
+    try:
+        init_ray()
+        runs = tempfile.mkdtemp(prefix="raypt-ingest-")
+        text_rate, text_mb = loader_rate(text, text.data.path, args.batches)
+        image_rate, image_mb = loader_rate(image, image.data.path, args.batches)
+        s3_rate, s3_mb = loader_rate(text, s3_text, args.batches)
+        text_need, text_wait = consumption(text, "quickstart", args.steps, runs)
+        image_need, image_wait = consumption(image, "mae", args.steps, runs)
+    finally:
+        server.terminate()
+    figures = {
+        "loader_vs_consumption_text": text_rate / text_need,
+        "loader_vs_consumption_image": image_rate / image_need,
+        "loader_vs_consumption_text_s3": s3_rate / text_need,
+        "data_wait_fraction_quickstart": text_wait, "data_wait_fraction_mae": image_wait,
+        "loader_samples_per_s": {"text": text_rate, "image": image_rate, "text_s3": s3_rate},
+        "loader_mb_per_s": {"text": text_mb, "image": image_mb, "text_s3": s3_mb},
+        "trainer_samples_per_s": {"quickstart": text_need, "mae": image_need},
+    }
+    write_result("ingest", figures, steps=args.steps, batches=args.batches)
+
+
+if __name__ == "__main__":
+    main()

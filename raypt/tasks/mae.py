@@ -1,0 +1,68 @@
+"""Masked image modelling (MAE, He et al. 2021) with transformers' ViTMAEForPreTraining."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+
+
+def hf_config(cfg: Any) -> ViTMAEConfig:
+    """Encoder sizes from the job; the decoder keeps the encoder's head width where its size allows."""
+    m, head_dim = cfg.model, cfg.model.hidden_size // cfg.model.num_heads
+    dec = m.decoder_hidden_size
+    dec_heads = next(h for h in range(max(1, dec // head_dim), 0, -1) if dec % h == 0)
+    return ViTMAEConfig(
+        image_size=cfg.data.image.size, patch_size=m.patch_size, hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+        intermediate_size=m.intermediate_size or 4 * m.hidden_size, initializer_range=m.init_std,
+        decoder_hidden_size=dec, decoder_num_hidden_layers=m.decoder_layers, decoder_num_attention_heads=dec_heads,
+        decoder_intermediate_size=4 * dec, mask_ratio=m.mask_ratio, norm_pix_loss=True,
+    )
+
+
+def build_model(cfg: Any, manifests: dict[str, dict], seed: int) -> ViTMAEForPreTraining:
+    """Same seed -> same weights on every rank and every ZeRO stage."""
+    torch.manual_seed(seed)
+    return ViTMAEForPreTraining(hf_config(cfg))
+
+
+def loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Pixel loss on the masked patches; the mask is drawn from torch's RNG, which checkpoints restore."""
+    pixels = batch["pixel_values"]
+    if pixels.ndim == 5:  # [rows, views, 3, S, S]: MAE needs one view
+        pixels = pixels[:, 0]
+    return model(pixel_values=pixels.to(model.dtype)).loss.float()  # DeepSpeed bf16 does not cast inputs
+
+
+def tokens_per_sample(cfg: Any, manifests: dict[str, dict], modality: str) -> int:
+    return (cfg.data.image.size // cfg.model.patch_size) ** 2
+
+
+def _transformer_flops(hidden: int, layers: int, inter: int, tokens: int) -> float:
+    """Training FLOPs of `tokens` through a ViT stack: 6 x (QKVO + 2-matrix MLP) + attention scores."""
+    return tokens * (6 * layers * (4 * hidden * hidden + 2 * hidden * inter) + 12 * layers * hidden * tokens)
+
+
+def flops_per_sample(model: torch.nn.Module, cfg: Any, modality: str) -> float:
+    """Every patch is embedded, the encoder sees the kept ones + CLS, the decoder all + CLS (PaLM-style count)."""
+    hf = model.config
+    patches = (hf.image_size // hf.patch_size) ** 2
+    kept = int(patches * (1 - hf.mask_ratio)) + 1
+    pixels = hf.patch_size ** 2 * hf.num_channels
+    encoder = _transformer_flops(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, kept)
+    decoder = _transformer_flops(hf.decoder_hidden_size, hf.decoder_num_hidden_layers,
+                                 hf.decoder_intermediate_size, patches + 1)
+    heads = 6 * (patches * pixels * hf.hidden_size + kept * hf.hidden_size * hf.decoder_hidden_size
+                 + (patches + 1) * hf.decoder_hidden_size * pixels)
+    return float(encoder + decoder + heads)
+
+
+def export(model: torch.nn.Module, cfg: Any, manifests: dict[str, dict], out_dir: str) -> None:
+    """A folder that ViTMAEForPreTraining / AutoImageProcessor.from_pretrained load offline, preprocessing
+    (bicubic resize, mean/std) as training did."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    image = cfg.data.image
+    ViTImageProcessor(size={"height": image.size, "width": image.size}, resample=Image.Resampling.BICUBIC,
+                      image_mean=list(image.mean), image_std=list(image.std)).save_pretrained(out_dir)
