@@ -112,6 +112,15 @@ def summarize(records: list[dict], wall_s: float) -> dict:
     }
 
 
+def bad_records(cfg: JobConfig) -> dict:
+    """What `data prepare` left out of each source, by name and reason, for the run's summary."""
+    from raypt.data.manifest import read_manifest
+
+    skipped = {s.name: read_manifest(s.path).get("bad_records", {}) for s in cfg.data.mix()}
+    return {"bad_records": {k: v for k, v in skipped.items() if v.get("count")}} if any(
+        v.get("count") for v in skipped.values()) else {}
+
+
 def train(cfg: JobConfig) -> str:
     """Run (or resume) the job to its last step, export it, and return the run folder."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -151,7 +160,7 @@ def train(cfg: JobConfig) -> str:
     with local_copy(latest) as ckpt:
         export(ckpt, cfg, os.path.join(local, "export"))
     summary = {"run": cfg.run.name, **summarize(read_metrics(local), time.time() - start),
-               "checkpoint": latest, "export": storage.join(folder, "export")}
+               "checkpoint": latest, "export": storage.join(folder, "export"), **bad_records(cfg)}
     with open(os.path.join(local, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if local != folder:

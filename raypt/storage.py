@@ -46,7 +46,7 @@ def explain(uri: str, error: OSError) -> StorageError:
         why = f"cannot reach the S3 endpoint {endpoint} (gave up after {S3_ATTEMPTS} attempts)"
     elif any(k in text for k in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
         why = (f"{endpoint} refused the credentials; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or s3.profile")
-    elif "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
+    elif "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text or ("Bucket '" in text and "' not found" in text):
         why = f"the bucket does not exist at {endpoint}"
     else:
         why = text.splitlines()[0]

@@ -1,6 +1,7 @@
 """The MAE and multimodal jobs of jobs/ train on 2 workers of the shared local Ray cluster and their losses fall."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -18,13 +19,19 @@ JOBS = os.path.join(os.path.dirname(__file__), "..", "jobs")
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict[str, str]:
     """Real images (scikit-image's) and sounds (Python's own test recordings), prepared once."""
+    import skimage.data
+
     root = tmp_path_factory.mktemp("media")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    folder = os.path.dirname(skimage.data.__file__)
+    images = f"data.prepare.inputs=[{folder}/*.png, {folder}/*.jpg, {root / 'corrupt.png'}]"
     paths = {}
-    for name, source in (("images", "skimage"), ("sounds", "stdlib-audio")):
+    for name, source in (("images", "images"), ("sounds", "stdlib-audio")):
         cfg = config.load(None, [f"data.prepare.source={source}", "data.prepare.val_fraction=0.15",
-                                 "data.prepare.rows_per_group=8"], check_data=False)
+                                 "data.prepare.rows_per_group=8", "data.max_bad_fraction=0.1",
+                                 *([images] if name == "images" else [])], check_data=False)
         paths[name] = str(root / name)
-        prepare(paths[name], cfg.data.prepare)
+        prepare(paths[name], cfg.data.prepare, cfg.data)
     return paths
 
 
@@ -45,6 +52,9 @@ def test_mae_job_trains_and_exports_for_transformers(ray_cluster, media, tmp_pat
     train_loss, val_loss = losses(folder)
     assert np.mean(train_loss[-5:]) < 0.9 * np.mean(train_loss[:5]), train_loss
     assert val_loss[-1] < val_loss[0]
+    skipped = json.load(open(os.path.join(folder, "summary.json")))["bad_records"]["main"]
+    assert skipped["count"] == 1 and skipped["records"][0]["name"].endswith("corrupt.png")
+    assert read_metrics(folder)[0]["bad_records"] == {"main": 1}
     model = ViTMAEForPreTraining.from_pretrained(os.path.join(folder, "export"))
     assert model.config.mask_ratio == 0.75 and model.config.image_size == 32
     assert AutoImageProcessor.from_pretrained(os.path.join(folder, "export")).size["height"] == 32

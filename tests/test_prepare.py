@@ -178,9 +178,6 @@ def test_parquet_of_the_wrong_schema_is_a_bad_record(tmp_path):
     assert manifest["bad_records"]["count"] == 0 and manifest["documents"] == 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: a large_string text column (polars', pandas-pyarrow's default) is rejected as a "
-                          "schema mismatch: prepare.text_records checks pa.types.is_string only")
 def test_parquet_large_string_text_column_is_read(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -191,8 +188,6 @@ def test_parquet_large_string_text_column_is_read(tmp_path):
     assert manifest["bad_records"]["count"] == 0, manifest["bad_records"]
 
 
-@pytest.mark.xfail(strict=True, raises=pa.ArrowInvalid,
-                   reason="bug: a corrupt .parquet input escapes the bad-record policy as pyarrow's ArrowInvalid")
 def test_corrupt_parquet_is_a_bad_record(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -255,9 +250,6 @@ def test_images_from_a_parquet_column_and_its_bad_entries(tmp_path):
     assert "schema mismatch" in by_name(manifest)[str(tmp_path / "other.parquet")]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: an image column that is not binary (ints) crashes with TypeError instead of being "
-                          "a schema-mismatch bad record")
 def test_image_parquet_with_an_int_column_is_a_bad_record(tmp_path):
     write_image_inputs(tmp_path / "img")
     pq.write_table(pa.table({"image": [1, 2]}), tmp_path / "img" / "ints.parquet")
@@ -368,9 +360,6 @@ def test_prepare_reads_s3_inputs_and_writes_s3_output_like_local(fresh_s3, tmp_p
     assert config.load(None, [f"data.path={out}"]).data.path == out
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="bug: an s3:// folder input with a trailing slash loses characters of its file names "
-                          "(prepare.expand computes the scheme prefix from the stripped path)")
 def test_s3_folder_input_with_a_trailing_slash(fresh_s3, tmp_path):
     bucket = new_bucket()
     write_image_inputs(tmp_path / "img")
@@ -392,9 +381,6 @@ def test_s3_bucket_that_does_not_exist(fresh_s3, tmp_path):
     assert "data.on_bad_record" in str(err.value) and f"s3://{bucket}/raw/b.jsonl" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="bug: prepare's output side is not explained: a missing output bucket (or refused "
-                          "credentials) raises pyarrow's raw OSError, not a ConfigError naming the field")
 def test_s3_output_bucket_that_does_not_exist_is_a_config_error(fresh_s3, tmp_path):
     write_text_inputs(tmp_path / "in")
     bucket = f"raypt-none-{uuid.uuid4().hex[:12]}"

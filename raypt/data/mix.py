@@ -11,7 +11,7 @@ import numpy as np
 
 
 def allocate(weights: np.ndarray, total: int) -> np.ndarray:
-    """Integer counts summing to `total` in proportion to `weights`: largest remainder, ties to the earlier source."""
+    """Integer counts summing to `total` in proportion to `weights`: largest remainder (deterministic)."""
     share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights)) * total
     counts = np.floor(share).astype(np.int64)
     short = total - int(counts.sum())

@@ -98,7 +98,7 @@ def expand(inputs: list[str], extensions: tuple[str, ...], bad: BadRecords) -> l
     found = []
     for item in inputs:
         fs, path = storage.resolve(item)
-        prefix = item[: len(item) - len(path)] if "://" in item else ""
+        prefix = item.split("://", 1)[0] + "://" if "://" in item else ""
         pattern = any(c in path for c in "*?[")
         base = path.rsplit("/", 1)[0] if pattern else path
         try:
@@ -126,18 +126,32 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def parquet_column(uri: str, field: str, kind: str, bad: BadRecords) -> list | None:
+    """The values of a .parquet input's string or binary column; None (a bad record) when it has none."""
+    data = read_bytes(uri)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except pa.ArrowException as e:
+        bad.add(uri, f"unreadable Parquet ({len(data)} bytes): {str(e).splitlines()[0]}")
+        return None
+    checks = (pa.types.is_string, pa.types.is_large_string) if kind == "string" else (
+        pa.types.is_binary, pa.types.is_large_binary)
+    ftype = table.schema.field(field).type if field in table.column_names else None
+    if ftype is None or not any(check(ftype) for check in checks):
+        bad.add(uri, f"schema mismatch: no {kind} column '{field}' (has {table.schema})")
+        return None
+    return table.column(field).to_pylist()
+
+
 def text_records(uri: str, cfg: PrepareConfig, bad: BadRecords) -> Iterator[tuple[str, str]]:
     """(name, document) pairs of a .txt, .jsonl or .parquet file; records of the wrong shape are bad records."""
+    if uri.endswith(".parquet"):
+        values = parquet_column(uri, cfg.text_field, "string", bad)
+        yield from ((f"{uri}#{i}", t or "") for i, t in enumerate(values or []))
+        return
     data = read_bytes(uri)
     if uri.endswith(".txt"):
         yield uri, data.decode("utf-8", errors="replace")
-        return
-    if uri.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-        if cfg.text_field not in table.column_names or not pa.types.is_string(table.schema.field(cfg.text_field).type):
-            bad.add(uri, f"schema mismatch: no string column '{cfg.text_field}' (has {table.column_names})")
-            return
-        yield from ((f"{uri}#{i}", t or "") for i, t in enumerate(table.column(cfg.text_field).to_pylist()))
         return
     for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines()):
         if not line.strip():
@@ -174,11 +188,8 @@ def media(cfg: PrepareConfig, kind: str, bad: BadRecords) -> list[tuple[str, byt
     out = []
     for uri in expand(inputs, EXTENSIONS["images" if kind == "image" else "audio"], bad):
         if uri.endswith(".parquet"):
-            table = pq.read_table(io.BytesIO(read_bytes(uri)))
-            if cfg.image_field not in table.column_names:
-                bad.add(uri, f"schema mismatch: no column '{cfg.image_field}' (has {table.column_names})")
-                continue
-            items = [(f"{uri}#{i}", b or b"") for i, b in enumerate(table.column(cfg.image_field).to_pylist())]
+            values = parquet_column(uri, cfg.image_field, "binary", bad)
+            items = [(f"{uri}#{i}", b or b"") for i, b in enumerate(values or [])]
         else:
             items = [(uri, read_bytes(uri))]
         for name, data in items:
@@ -297,7 +308,10 @@ def prepare(out: str, cfg: PrepareConfig, data: DataConfig | None = None) -> dic
     bad = BadRecords(policy.on_bad_record, policy.max_bad_fraction)
     kind = MODALITY[cfg.source]
     fs, root = storage.resolve(out)
-    fs.create_dir(root, recursive=True)
+    try:
+        fs.create_dir(root, recursive=True)
+    except OSError as e:
+        raise ConfigError(f"data.path: {storage.explain(out, e)}") from None
     body = prepare_text(fs, root, cfg, bad) if kind == "text" else prepare_media(fs, root, cfg, kind, bad)
     manifest = {**body, "modality": kind, "source": cfg.source, "bad_records": bad.check()}
     storage.write_json(storage.join(out, MANIFEST), manifest)
