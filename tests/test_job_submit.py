@@ -58,7 +58,11 @@ def head(tmp_path_factory):
         if client.get_job_status(ready) == JobStatus.SUCCEEDED:
             break
         time.sleep(0.2)
-    nodes.append(subprocess.Popen([f"{BIN}/ray", "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common()],
+    # Its own temp dir, as a second machine would have: nodes sharing one would unpack the job's working_dir
+    # over each other, pulling the running driver's cwd from under it.
+    second = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    nodes.append(subprocess.Popen([f"{BIN}/ray", "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                                   f"--temp-dir={second}", *common()],
                                   env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL))
     yield address, env

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from raypt.data.manifest import read_manifest, shard_uri
 from raypt.config import AudioConfig, ImageConfig
@@ -64,3 +65,21 @@ def test_stream_delivers_the_ordered_rows_and_resumes_mid_run(ray_cluster, tiny_
             assert table[sid] == ids
     resumed = np.concatenate([b["sample_id"].numpy() for b in stream.batches(4, 2)])
     assert np.array_equal(resumed, got[-len(resumed):])
+
+
+def test_stream_reads_shards_from_s3_as_from_local_disk(ray_cluster, s3_endpoint, tiny_data):
+    import boto3
+    import pyarrow.fs as pafs
+
+    from raypt import storage
+
+    boto3.client("s3").create_bucket(Bucket="raypt-shards")
+    fs, path = storage.resolve("s3://raypt-shards/stdlib")
+    pafs.copy_files(tiny_data, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    streams = [RankStream([read_manifest(root)], single(8), "train", 0, True, world=2, rank=0, micro=4, prefetch=2,
+                          image_cfg=ImageConfig(), audio_cfg=AudioConfig())
+               for root in (tiny_data, "s3://raypt-shards/stdlib")]
+    local, remote = ([b for b in s.batches(3, 4)] for s in streams)
+    assert len(local) == len(remote) == 4 * 8 // 2 // 4
+    for a, b in zip(local, remote):
+        assert torch.equal(a["sample_id"], b["sample_id"]) and torch.equal(a["input_ids"], b["input_ids"])
