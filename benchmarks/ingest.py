@@ -1,7 +1,7 @@
 """Can the loader outrun the trainer? Samples/s and MB/s of raypt's Ray Data stream (text and images from local
 Parquet, text from S3 on moto's server) against the samples/s the quickstart and MAE jobs consume, plus each job's
 data-wait share of step time. One invocation, one machine: ratios, not absolute speeds.
-Usage: python benchmarks/ingest.py [--steps 40] [--batches 60]
+Usage: python benchmarks/ingest.py [--steps 40] [--text-batches 1500] [--image-batches 60]
 """
 from __future__ import annotations
 
@@ -90,16 +90,17 @@ def s3_copy(local: str) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batches", type=int, default=60)
+    ap.add_argument("--text-batches", type=int, default=1500, help="enough to span many read windows")
+    ap.add_argument("--image-batches", type=int, default=60)
     args = ap.parse_args()
     text, image = job("quickstart"), job("mae")
     server, s3_text = s3_copy(text.data.path)  # before Ray starts, so its processes see the endpoint
     try:
         init_ray()
         runs = tempfile.mkdtemp(prefix="raypt-ingest-")
-        text_rate, text_mb = loader_rate(text, text.data.path, args.batches)
-        image_rate, image_mb = loader_rate(image, image.data.path, args.batches)
-        s3_rate, s3_mb = loader_rate(text, s3_text, args.batches)
+        text_rate, text_mb = loader_rate(text, text.data.path, args.text_batches)
+        image_rate, image_mb = loader_rate(image, image.data.path, args.image_batches)
+        s3_rate, s3_mb = loader_rate(text, s3_text, args.text_batches)
         text_need, text_wait = consumption(text, "quickstart", args.steps, runs)
         image_need, image_wait = consumption(image, "mae", args.steps, runs)
     finally:
@@ -113,7 +114,8 @@ def main() -> None:
         "loader_mb_per_s": {"text": text_mb, "image": image_mb, "text_s3": s3_mb},
         "trainer_samples_per_s": {"quickstart": text_need, "mae": image_need},
     }
-    write_result("ingest", figures, steps=args.steps, batches=args.batches)
+    write_result("ingest", figures, steps=args.steps, text_batches=args.text_batches,
+                 image_batches=args.image_batches)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ class PrepareConfig(Section):
                               "or .parquet; audio: .wav/.flac")
     text_field: str = Field("text", description="JSONL key or Parquet column holding a document")
     image_field: str = Field("image", description="Parquet column holding encoded image bytes")
+    image_max_side: Optional[int] = Field(None, ge=8, description="store images shrunk to this longest side "
+                                          "(as PNG); unset = as they are")
     tokenizer: Optional[str] = Field(None, description="a prepared dataset whose tokenizer to reuse: text "
                                      "sources mixed in one run must share one vocabulary")
     max_bytes: int = Field(6_000_000, ge=10_000)

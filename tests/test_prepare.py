@@ -235,6 +235,18 @@ def test_images_skip_exactly_the_undecodable_ones(tmp_path):
         assert image.mode == "RGB" and min(image.size) > 0
 
 
+def test_images_shrunk_to_image_max_side_keep_their_aspect(tmp_path):
+    write_image_inputs(tmp_path / "img")
+    out = str(tmp_path / "out")
+    manifest = prepare(out, PrepareConfig(source="images", inputs=[str(tmp_path / "img")], val_fraction=0.3,
+                                          image_max_side=64), DataConfig(max_bad_fraction=0.9))
+    stored = pa.concat_tables([read_split(out, manifest, s) for s in ("train", "val")])
+    for name, data in zip(stored.column("name").to_pylist(), stored.column("image").to_pylist()):
+        original, small = decode.decode_image(Path(name).read_bytes()), decode.decode_image(data)
+        assert max(small.size) == 64 < max(original.size)
+        assert abs(small.size[0] / small.size[1] - original.size[0] / original.size[1]) < 0.05
+
+
 def test_images_from_a_parquet_column_and_its_bad_entries(tmp_path):
     good = [Path(skimage_folder(), n).read_bytes() for n in IMAGES]
     path = tmp_path / "images.parquet"
