@@ -21,14 +21,16 @@ class TrainingFailed(RuntimeError):
     pass
 
 
-def init_ray() -> None:
-    """RAY_ADDRESS when set (a cluster or `ray job submit`), else an embedded local cluster."""
+def init_ray(env: dict[str, str] | None = None) -> None:
+    """RAY_ADDRESS when set (a cluster or `ray job submit`), else an embedded local cluster. `env` (the job's
+    S3 settings) reaches every process of the job: through the runtime env on a cluster, inherited when embedded."""
     if ray.is_initialized():
         return
     quiet = ray.LoggingConfig(log_level="WARNING")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_config=quiet)
+        ray.init(logging_config=quiet, runtime_env={"env_vars": env} if env else None)
         return
+    os.environ.update(env or {})
     for key, value in EMBEDDED_ENV.items():
         os.environ.setdefault(key, value)
     # Logical CPUs beyond the cores leave room for Ray Data's read tasks beside the train workers.
@@ -129,7 +131,7 @@ def train(cfg: JobConfig) -> str:
     from raypt.export import export
     from raypt.metrics import MetricsSink, read_metrics
 
-    init_ray()
+    init_ray(cfg.s3.env())
     folder, local = run_dir(cfg), local_dir(cfg)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     sink = MetricsSink.options(scheduling_strategy=here).remote(local)
