@@ -27,6 +27,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/ingest.py
 
 clean:
 	rm -rf runs data benchmarks/results/*.tmp

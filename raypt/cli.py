@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
             shape = (f"vocab {manifest['vocab_size']}, sequences of {manifest['seq_len']} tokens"
                      if manifest["modality"] == "text" else f"{manifest['modality']} records")
             skipped = manifest["bad_records"]["count"]
+            note = f"; skipped {skipped} bad records (listed in its manifest)" if skipped else ""
             print(f"prepared {source.name} in {source.path}: {manifest['documents']} documents, {shape}: "
-                  f"{json.dumps(rows)}" + (f"; skipped {skipped} bad records (listed in its manifest)" if skipped else ""))
+                  f"{json.dumps(rows)}{note}")
         return 0
     if args.command == "train":
         from raypt.launch import TrainingFailed, train

@@ -381,6 +381,10 @@ def check_data_path(cfg: JobConfig) -> list[dict]:
                               f"'{cfg.model.task}' does not take (it takes {', '.join(takes)})")
         if modality(m) == "text" and m["seq_len"] < 2:
             raise ConfigError(f"{source_field(cfg, i)}: '{m['root']}' has seq_len {m['seq_len']}; need >= 2")
+    lengths = {m["seq_len"] for m in manifests if modality(m) == "text"}
+    if len(lengths) > 1:
+        raise ConfigError(f"data.sources: the text sources pack sequences of different lengths {sorted(lengths)}; "
+                          f"prepare them with one data.sources.N.prepare.seq_len")
     vocabularies = {m["tokenizer_sha256"] for m in manifests if modality(m) == "text" and "tokenizer_sha256" in m}
     if len(vocabularies) > 1:
         raise ConfigError("data.sources: the text sources were tokenized with different tokenizers; prepare them "

@@ -1,7 +1,6 @@
 """Fault injection for tests and chaos drills: each fault fires once per run, recorded by a marker in storage."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time

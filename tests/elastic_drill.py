@@ -43,7 +43,8 @@ def start_endless_run(data: str, storage: str, resize_interval_s: int = 5) -> st
         f"data.path={data}", f"run.storage={storage}", "run.name=elastic", "model.hidden_size=64",
         "model.num_layers=2", "model.num_heads=2", "train.steps=100000", "train.global_batch=8",
         "train.micro_batch=2", "train.eval_every=100000", "checkpoint.every=20", "failure.max_failures=5",
-        "scaling.workers={min: 1, max: 2}", f"scaling.resize_interval_s={resize_interval_s}", "scaling.cpus_per_worker=1.5"])
+        "scaling.workers={min: 1, max: 2}", f"scaling.resize_interval_s={resize_interval_s}",
+        "scaling.cpus_per_worker=1.5"])
     threading.Thread(target=lambda: train(cfg), daemon=True).start()
     return os.path.join(storage, "elastic", "metrics.jsonl")
 

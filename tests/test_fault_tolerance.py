@@ -121,6 +121,7 @@ def test_build_lock_left_by_a_killed_worker_does_not_hang_restarts(make_job):
     locks = [os.path.join(_get_build_directory(b.name, False), "lock") for b in builders if b is not None]
     for lock in locks:
         open(lock, "w").close()
-    code = "import sys; from raypt import config, engine; engine.load_ops(config.JobConfig.model_validate_json(sys.argv[1]))"
+    code = ("import sys; from raypt import config, engine; "
+            "engine.load_ops(config.JobConfig.model_validate_json(sys.argv[1]))")
     subprocess.run([sys.executable, "-c", code, cfg.model_dump_json()], check=True, timeout=600)
     assert not any(map(os.path.exists, locks))

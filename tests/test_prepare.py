@@ -235,6 +235,27 @@ def test_images_skip_exactly_the_undecodable_ones(tmp_path):
         assert image.mode == "RGB" and min(image.size) > 0
 
 
+def test_mixing_text_sources_of_other_vocabularies_or_lengths_is_refused(tmp_path):
+    write_text_inputs(tmp_path / "in")
+    inputs, ok = [str(tmp_path / "in")], DataConfig(max_bad_fraction=0.9)
+    prepare(str(tmp_path / "a"), text_cfg(inputs), ok)
+    prepare(str(tmp_path / "same"), text_cfg(inputs, tokenizer=str(tmp_path / "a")), ok)
+    prepare(str(tmp_path / "own"), PrepareConfig(source="text", inputs=inputs, seq_len=16, vocab_size=290,
+                                                 val_fraction=0.3), ok)
+    prepare(str(tmp_path / "long"), PrepareConfig(source="text", inputs=inputs, seq_len=8, vocab_size=300,
+                                                  val_fraction=0.3, tokenizer=str(tmp_path / "a")), ok)
+
+    def mix(other: str):
+        return config.load(None, [f"data.sources=[{{name: a, path: {tmp_path / 'a'}}}, "
+                                  f"{{name: b, path: {tmp_path / other}}}]"])
+
+    assert [s.name for s in mix("same").data.sources] == ["a", "b"]
+    with pytest.raises(ConfigError, match="data.sources: .*different tokenizers"):
+        mix("own")
+    with pytest.raises(ConfigError, match=r"data.sources: .*different lengths \[8, 16\]"):
+        mix("long")
+
+
 def test_images_shrunk_to_image_max_side_keep_their_aspect(tmp_path):
     write_image_inputs(tmp_path / "img")
     out = str(tmp_path / "out")

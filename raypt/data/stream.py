@@ -71,8 +71,8 @@ class RankStream:
         if source.modality == "text":
             ids = table.column("input_ids").combine_chunks()
             return ids.flatten().to_numpy().reshape(len(ids), -1).astype(np.int64)
-        out = []
-        for pos, sid, data in zip(positions, table.column("sample_id").to_numpy(), table.column(COLUMN[source.modality]).to_pylist()):
+        out, ids, encoded = [], table.column("sample_id").to_numpy(), table.column(COLUMN[source.modality])
+        for pos, sid, data in zip(positions, ids, encoded.to_pylist()):
             rng = np.random.default_rng([self.seed, src, int(pos)]) if self.train else None
             try:
                 out.append(self.image(data, rng) if source.modality == "image"
