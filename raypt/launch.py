@@ -92,7 +92,7 @@ def _follow(sink, fit_thread: threading.Thread, total: int) -> None:
             bar.refresh()
         if not fit_thread.is_alive():
             break
-        time.sleep(0.5)
+        time.sleep(1.0)  # each poll wakes the sink actor, which shares the ranks' cores
     bar.close()
 
 

@@ -18,7 +18,7 @@ from raypt.config import JobConfig, from_dict
 from raypt.data.manifest import modality, read_manifest
 from raypt.data.mix import MixPlan
 from raypt.data.stream import RankStream
-from raypt.engine import accelerator, build_engine, grad_accumulation, set_lr
+from raypt.engine import accelerator, build_engine, grad_accumulation, keep_host_memory, set_lr
 from raypt.faults import Faults
 from raypt.metrics import peak_flops
 from raypt.schedules.lr import lr_at
@@ -50,6 +50,7 @@ def mean_over_ranks(*values: torch.Tensor | float, device) -> list[float]:
 class Worker:
     def __init__(self, cfg: JobConfig, sink):
         quiet_known_noise()
+        keep_host_memory()
         ctx = ray.train.get_context()
         self.cfg, self.sink = cfg, sink
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -113,9 +114,9 @@ class Worker:
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
-    def step(self, batches) -> tuple[float, float, list[torch.Tensor]]:
+    def step(self, batches) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
         """One optimizer step over `accum` micro-batches; returns (mean loss, seconds waiting for data, ids)."""
-        loss_sum, wait, ids = 0.0, 0.0, []
+        loss_sum, wait, ids = torch.zeros((), device=self.engine.device), 0.0, []
         for _ in range(self.accum):
             t = time.perf_counter()
             batch = next(batches)
@@ -124,7 +125,7 @@ class Worker:
             loss = self.task.loss(self.engine, self.to_device(batch))
             self.engine.backward(loss)
             self.engine.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()  # summed on the device: no host sync per micro-batch on a GPU
         return loss_sum / self.accum, wait, ids
 
     def save(self, record: dict, wait_for_upload: bool = False) -> None:
