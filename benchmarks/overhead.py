@@ -3,7 +3,9 @@
 Both run the quickstart model under ZeRO-2 with the same DeepSpeed config, back to back, alternating, in one
 invocation; the figure is the ratio of steady-state tokens/s (the first WARMUP steps are excluded from both).
 The headline compares raypt as shipped with the loop as one would write it; `raypt_vs_bare_same_allocator` gives
-the bare loop raypt's host-allocator setting too, so it isolates what the framework itself costs.
+the bare loop raypt's host-allocator setting too, so it isolates what the framework itself costs. Per-process CPU
+is sampled throughout, so each timed window splits into the cores the ranks got and the cores every other process
+(Ray's daemons and actors) took from them.
 Usage: python benchmarks/overhead.py [--steps 60] [--rounds 2] [overrides...]
 """
 from __future__ import annotations
@@ -14,9 +16,11 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
+import psutil
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -27,6 +31,34 @@ from raypt.engine import accelerator, ds_config, keep_host_memory, param_groups 
 
 WARMUP = 5
 JOB = os.path.join(os.path.dirname(__file__), "..", "jobs", "quickstart.yaml")
+
+
+class CpuMeter:
+    """Every process's CPU seconds, once a second, in a background thread of the driver."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, dict[int, float]]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while not self.stopped.wait(1.0):
+            cpu = {}
+            for p in psutil.process_iter(["cpu_times"]):
+                if p.info["cpu_times"] is not None:
+                    cpu[p.pid] = p.info["cpu_times"].user + p.info["cpu_times"].system
+            self.samples.append((time.time(), cpu))
+
+    def split(self, t0: float, t1: float, ranks: int) -> dict:
+        """Cores used over [t0, t1] by the `ranks` busiest processes (the ranks) and by all the others."""
+        (ta, a), (tb, b) = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (t0, t1))
+        used = sorted((b[pid] - a[pid] for pid in b if pid in a), reverse=True)
+        return {"rank_cores": sum(used[:ranks]) / (tb - ta), "other_cores": sum(used[ranks:]) / (tb - ta)}
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 def bare_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, rows: np.ndarray, out: str,
@@ -72,7 +104,8 @@ def bare_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, ro
         np.save(out, np.array(times))
 
 
-def run_bare(cfg, steps: int, same_allocator: bool = False) -> float:
+def run_bare(cfg, steps: int, same_allocator: bool = False) -> tuple[float, tuple[float, float]]:
+    """Steady-state tokens/s and the timed window's wall-clock bounds."""
     import pyarrow.parquet as pq
     import torch.multiprocessing as mp
 
@@ -85,14 +118,14 @@ def run_bare(cfg, steps: int, same_allocator: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.npy")
         world = cfg.scaling.workers
-        mp.start_processes(bare_worker, args=(world, port, config.to_dict(cfg), steps, rows, out, same_allocator), nprocs=world,
-                           start_method="spawn")
+        mp.start_processes(bare_worker, args=(world, port, config.to_dict(cfg), steps, rows, out, same_allocator),
+                           nprocs=world, start_method="spawn")
         times = np.load(out)
     tokens = cfg.train.global_batch * rows.shape[1] * (steps - WARMUP)
-    return tokens / (times[-1] - times[WARMUP - 1])
+    return tokens / (times[-1] - times[WARMUP - 1]), (times[WARMUP - 1], times[-1])
 
 
-def run_raypt(cfg, steps: int, name: str) -> float:
+def run_raypt(cfg, steps: int, name: str) -> tuple[float, tuple[float, float]]:
     from raypt.launch import run_dir, train
     from raypt.metrics import read_metrics
 
@@ -100,7 +133,8 @@ def run_raypt(cfg, steps: int, name: str) -> float:
     train(cfg)
     records = {r["step"]: r for r in read_metrics(run_dir(cfg)) if r.get("loss") is not None}
     tokens = records[steps]["tokens_seen"] - records[WARMUP]["tokens_seen"]
-    return tokens / (records[steps]["time"] - records[WARMUP]["time"])
+    window = (records[WARMUP]["time"], records[steps]["time"])
+    return tokens / (window[1] - window[0]), window
 
 
 def main() -> None:
@@ -120,21 +154,26 @@ def main() -> None:
     from raypt.launch import init_ray
 
     init_ray()
-    bare, tuned, ours = [], [], []
+    meter = CpuMeter()
+    runs: dict[str, list] = {"bare": [], "bare_same_allocator": [], "raypt": []}
     for i in range(args.rounds):
-        bare.append(run_bare(cfg, args.steps))
-        tuned.append(run_bare(cfg, args.steps, same_allocator=True))
-        ours.append(run_raypt(cfg, args.steps, f"overhead-{i}"))
-        print(f"round {i}: bare {bare[-1]:.0f} tokens/s, bare with raypt's allocator setting {tuned[-1]:.0f}, "
-              f"raypt {ours[-1]:.0f}")
+        runs["bare"].append(run_bare(cfg, args.steps))
+        runs["bare_same_allocator"].append(run_bare(cfg, args.steps, same_allocator=True))
+        runs["raypt"].append(run_raypt(cfg, args.steps, f"overhead-{i}"))
+        print(f"round {i}: " + ", ".join(f"{k} {v[-1][0]:.0f} tokens/s" for k, v in runs.items()))
+    meter.stop()
+    tokens = {k: [rate for rate, _ in v] for k, v in runs.items()}
+    cores = {k: [meter.split(*window, ranks=cfg.scaling.workers) for _, window in v] for k, v in runs.items()}
+    median = {k: float(np.median(v)) for k, v in tokens.items()}
     # Medians of alternating rounds: robust to a noisy neighbour in any one round.
-    figures = {"raypt_vs_bare_tokens_per_s": float(np.median(ours) / np.median(bare)),
-               "raypt_vs_bare_same_allocator": float(np.median(ours) / np.median(tuned)),
-               "raypt_tokens_per_s": float(np.median(ours)), "bare_tokens_per_s": float(np.median(bare)),
-               "bare_same_allocator_tokens_per_s": float(np.median(tuned)),
+    figures = {"raypt_vs_bare_tokens_per_s": median["raypt"] / median["bare"],
+               "raypt_vs_bare_same_allocator": median["raypt"] / median["bare_same_allocator"],
+               **{f"{k}_tokens_per_s": v for k, v in median.items()},
+               **{f"{k}_{part}": float(np.median([c[part] for c in cores[k]]))
+                  for k in ("bare_same_allocator", "raypt") for part in ("rank_cores", "other_cores")},
                "rounds": args.rounds, "steps_timed": args.steps - WARMUP,
                "zero_stage": cfg.deepspeed.zero_stage, "workers": cfg.scaling.workers, "device": accelerator()}
-    write_result("overhead", figures, per_round={"raypt": ours, "bare": bare, "bare_same_allocator": tuned})
+    write_result("overhead", figures, per_round={"tokens_per_s": tokens, "cores": cores})
 
 
 if __name__ == "__main__":

@@ -76,9 +76,10 @@ class MetricsSink:
 
             self.writer = SummaryWriter(self.tb_dir, purge_step=start_step + 1)
 
-    def log(self, record: dict) -> None:
-        self.pending.append(record)
-        self.latest = {**self.latest, **record}
+    def log(self, records: list[dict]) -> None:
+        self.pending.extend(records)
+        for record in records:
+            self.latest = {**self.latest, **record}
 
     def flush(self) -> None:
         """Written in batches (on every poll) so per-step logging costs the ranks' CPUs almost nothing."""
