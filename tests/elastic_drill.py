@@ -73,8 +73,9 @@ def autoscale(data: str, storage: str) -> None:
     cluster.start()  # note: `ray stop --force` first, so this drill runs apart from other Ray clusters
     try:
         ray.init("auto")
-        # The autoscaler adds the node within seconds; a slower resize check lets the 1-worker group take steps first.
-        metrics = start_endless_run(data, storage, resize_interval_s=40)
+        # The autoscaler adds the node within seconds; a slower resize check lets the 1-worker group start up and
+        # pass a checkpoint first (start-up alone took over 40 s on a busy 2-core machine).
+        metrics = start_endless_run(data, storage, resize_interval_s=90)
         wait_for(lambda: any(ws == 1 for _, ws in world_sizes(metrics)), "the run to start at min workers")
         wait_for(lambda: any(ws == 2 for _, ws in world_sizes(metrics)), "the autoscaler to add a node")
         print("WORLD_SIZES " + json.dumps(world_sizes(metrics)), flush=True)
