@@ -15,8 +15,8 @@ from raypt.config import JobConfig, to_dict
 # lets its own daemons preempt the ranks, which then wait on each other in collectives). An attached cluster
 # keeps its own settings. A one-node embedded cluster is never drained by an autoscaler, so Ray Train's
 # preemption watcher would only be one more process waking every 10 ms on the ranks' cores.
-EMBEDDED_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+EMBEDDED_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_METRICS_ENABLED": "0", PREEMPTION_WATCHER: "0"}
 
 
 class TrainingFailed(RuntimeError):

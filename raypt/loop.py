@@ -21,6 +21,7 @@ from raypt.data.mix import MixPlan
 from raypt.data.stream import RankStream
 from raypt.engine import accelerator, build_engine, grad_accumulation, keep_host_memory, set_lr
 from raypt.faults import Faults
+from raypt.launch import PREEMPTION_WATCHER
 from raypt.metrics import peak_flops
 from raypt.schedules.lr import lr_at
 from raypt.tasks import by_modality, get_task
@@ -72,7 +73,7 @@ class Worker:
         self.state = TrainState(world_size=self.world, config_digest=cfg.digest())
         self.saved_for_drain = False
         # Without Ray Train's preemption watcher (the embedded cluster) no drain notice can come: skip the barrier.
-        self.drain_notices = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
+        self.drain_notices = os.environ.get(PREEMPTION_WATCHER, "1") != "0"
         self.outbox: list[dict] = []
         self.sent_at = 0.0
         self.run_uri = storage.join(cfg.run.storage, cfg.run.name)
