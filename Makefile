@@ -6,7 +6,7 @@ TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 BIN    := $(VENV)/bin
 JOB    ?= jobs/quickstart.yaml
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,14 +20,21 @@ demo: $(VENV)/.installed
 	$(BIN)/raypt train $(JOB)
 	$(BIN)/raypt generate runs/quickstart "def parse_args(" --max-new-tokens 120
 
-test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+# The tiers below Ray first (config, schedules, data order, the gloo engine/checkpoint matrix: under 2 minutes),
+# then everything on Ray, then the autoscaler drill, which stops every Ray process and so runs alone.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not ray and not slow and not autoscaler"
+
+test: test-fast
+	$(BIN)/python -m pytest -m "(ray or slow) and not autoscaler"
 	$(BIN)/python -m pytest -m autoscaler
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/same_losses.py
+	$(BIN)/python benchmarks/tune.py
 
 clean:
 	rm -rf runs data benchmarks/results/*.tmp

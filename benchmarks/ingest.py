@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_result  # noqa: E402
 
 from raypt import config, storage  # noqa: E402
-from raypt.launch import init_ray, train  # noqa: E402
-from raypt.metrics import read_metrics  # noqa: E402
+from raypt.driver import init_ray, train  # noqa: E402
+from raypt.metrics.sink import read_metrics  # noqa: E402
 
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs")
 

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result  # noqa: E402
 
 from raypt import config  # noqa: E402
-from raypt.engine import accelerator, ds_config, keep_host_memory, param_groups  # noqa: E402
+from raypt.engines.device import accelerator, keep_host_memory  # noqa: E402
+from raypt.engines.zero import ds_config, param_groups  # noqa: E402
 
 WARMUP = 5
 JOB = os.path.join(os.path.dirname(__file__), "..", "jobs", "quickstart.yaml")
@@ -80,7 +81,7 @@ def bare_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, ro
     else:
         torch.cuda.set_device(rank)
     deepspeed.init_distributed(dist_backend="nccl" if accelerator() == "cuda" else "gloo")
-    model = clm.build_model(cfg, {"text": read_manifest(cfg.data.path)}, cfg.run.seed)
+    model = clm.ClmTask(cfg, {"text": read_manifest(cfg.data.path)}).build_model(cfg.run.seed)
     # The same recipe (decay / no-decay groups) as raypt, so the ratio measures the framework, not the recipe.
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, fused=accelerator() == "cuda")
@@ -126,8 +127,8 @@ def run_bare(cfg, steps: int, same_allocator: bool = False) -> tuple[float, tupl
 
 
 def run_raypt(cfg, steps: int, name: str) -> tuple[float, tuple[float, float]]:
-    from raypt.launch import run_dir, train
-    from raypt.metrics import read_metrics
+    from raypt.driver import run_dir, train
+    from raypt.metrics.sink import read_metrics
 
     cfg = config.from_dict({**config.to_dict(cfg), "run": {**config.to_dict(cfg)["run"], "name": name}})
     train(cfg)
@@ -151,7 +152,7 @@ def main() -> None:
         from raypt.data.prepare import prepare
 
         prepare(cfg.data.path, cfg.data.prepare)
-    from raypt.launch import init_ray
+    from raypt.driver import init_ray
 
     init_ray()
     meter = CpuMeter()

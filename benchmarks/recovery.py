@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result  # noqa: E402
 
 from raypt import config  # noqa: E402
-from raypt.faults import fired  # noqa: E402
-from raypt.launch import init_ray, run_dir, train  # noqa: E402
-from raypt.metrics import read_metrics  # noqa: E402
+from raypt.hooks.faults import fired  # noqa: E402
+from raypt.driver import init_ray, run_dir, train  # noqa: E402
+from raypt.metrics.sink import read_metrics  # noqa: E402
 
 JOB = os.path.join(os.path.dirname(__file__), "..", "jobs", "quickstart.yaml")
 

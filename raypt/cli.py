@@ -1,4 +1,5 @@
-"""`raypt` command line: train, config show, data prepare, export, generate. User mistakes exit 2, no traceback."""
+"""`raypt` command line: train, config show/explain, data prepare, submit, export, generate. User mistakes exit 2,
+with one message and no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,14 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raypt", description="Elastic pre-training on Ray Train + DeepSpeed")
     sub = ap.add_subparsers(dest="command", required=True)
-    _job_args(sub.add_parser("train", help="run (or resume) a job to its last step and export it"))
+    tr = sub.add_parser("train", help="run (or resume) a job to its last step and export it")
+    _job_args(tr)
+    tr.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own output too (it always "
+                    "goes to driver.log in the run folder)")
     show = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     _job_args(show.add_parser("show", help="print the fully resolved config with defaults"))
+    show.add_parser("explain", help="every field of the job or of one section: type, bounds, default, meaning"
+                    ).add_argument("section", nargs="?", help="a dotted section, e.g. train or train.schedule")
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     _job_args(data.add_parser("prepare", help="tokenize and pack the job's data.prepare source into data.path"))
     sm = sub.add_parser("submit", help="validate a job, run it on a Ray cluster with `ray job submit`, follow it")
@@ -50,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "config":
+        if args.action == "explain":
+            print(config.explain(args.section), end="")
+            return 0
         cfg = config.load(args.job, args.overrides, check_data=False)
         print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
         return 0
@@ -57,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         from raypt.data.prepare import prepare
 
         cfg = config.load(args.job, args.overrides, check_data=False)
+        os.environ.update(cfg.s3.env())  # this process reads and writes the job's storage
         for source in cfg.data.mix():
             manifest = prepare(source.path, source.prepare, cfg.data)
             rows = {k: v["rows"] for k, v in manifest["splits"].items()}
@@ -68,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
                   f"{json.dumps(rows)}{note}")
         return 0
     if args.command == "train":
-        from raypt.launch import TrainingFailed, train
+        from raypt.console import chatter_to
+        from raypt.driver import TrainingFailed, local_dir, train
 
         cfg = config.load(args.job, args.overrides)
         try:
-            folder = train(cfg)
+            with chatter_to(os.path.join(local_dir(cfg), "driver.log"), args.verbose):
+                folder = train(cfg)
         except TrainingFailed as e:
             print(f"raypt: {e}", file=sys.stderr)
             return 1
@@ -98,10 +110,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from raypt.checkpoint import CheckpointError
+    from raypt.driver import local_dir, run_dir
     from raypt.export import export
-    from raypt.launch import local_dir, run_dir
 
     cfg = config.load(args.job, args.overrides)
+    os.environ.update(cfg.s3.env())
     folder = run_dir(cfg)
     if "://" in folder:
         raise config.ConfigError(f"run.storage: export reads local runs only, got '{cfg.run.storage}'")
@@ -114,3 +127,4 @@ def _export(args: argparse.Namespace) -> int:
         print(f"exported {step} to {out}")
         return 0
     raise config.ConfigError(f"run.name: run '{cfg.run.name}' has no checkpoint under {folder}")
+

@@ -14,10 +14,10 @@ from raypt.tasks import by_modality, get_task
 def export(checkpoint_dir: str, cfg: JobConfig, out_dir: str) -> str:
     checkpoint.read_state(checkpoint_dir)  # refuse a torn checkpoint
     manifests = by_modality([read_manifest(s.path) for s in cfg.data.mix()])
-    task = get_task(cfg.model.task)
-    model = task.build_model(cfg, manifests, cfg.run.seed)
+    task = get_task(cfg.model.task)(cfg, manifests)
+    model = task.build_model(cfg.run.seed)
     checkpoint.load_weights(model, checkpoint_dir)
-    task.export(model, cfg, manifests, out_dir)
+    task.export(model, out_dir)
     return out_dir
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -24,6 +26,19 @@ def _s3(endpoint: str | None, region: str | None, bucket: str) -> pafs.S3FileSys
     return pafs.S3FileSystem(endpoint_override=host or None, scheme=scheme, region=region or "us-east-1",
                              connect_timeout=5, request_timeout=30,
                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+
+
+@contextmanager
+def settings(env: dict[str, str]) -> Iterator[None]:
+    """A job's S3 settings (its `s3:` section as AWS variables) for the duration of a check, leaving this
+    process's environment as it was; the driver sets them for good when it runs the job."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -57,19 +72,28 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def read_json(uri: str) -> dict:
+def read_text(uri: str) -> str:
+    """A file's text; FileNotFoundError when it is not there."""
     fs, path = resolve(uri)
     try:
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+            return f.read().decode()
     except (FileNotFoundError, OSError) as e:
         if isinstance(e, FileNotFoundError) or "not found" in str(e).lower() or "does not exist" in str(e).lower():
             raise FileNotFoundError(uri) from None
         raise explain(uri, e) from None
 
 
+def read_json(uri: str) -> dict:
+    return json.loads(read_text(uri))
+
+
 def write_json(uri: str, obj: dict) -> None:
+    write_text(uri, json.dumps(obj, indent=2))
+
+
+def write_text(uri: str, text: str) -> None:
     fs, path = resolve(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
-        f.write(json.dumps(obj, indent=2).encode())
+        f.write(text.encode())

@@ -20,6 +20,18 @@ TINY = [
 ]
 
 
+# Test modules that start Ray nodes of their own.
+RAY_MODULES = {"test_elastic", "test_job_submit"}
+
+
+def pytest_collection_modifyitems(items):
+    """Everything that needs Ray is marked `ray`; the rest (config, schedules, data order, the gloo-tier engine
+    and checkpoint matrix) is `make test-fast`, which CI runs first."""
+    for item in items:
+        if "ray_cluster" in item.fixturenames or item.module.__name__ in RAY_MODULES:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API (moto's server) on 127.0.0.1, reached through the standard AWS environment, which the
@@ -51,7 +63,7 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    from raypt.launch import init_ray
+    from raypt.driver import init_ray
 
     init_ray()
     yield

@@ -37,7 +37,7 @@ def wait_for(condition, what: str, timeout: float = 240.0) -> None:
 def start_endless_run(data: str, storage: str, resize_interval_s: int = 5) -> str:
     """An elastic run (1..2 workers) that never ends by itself; returns its metrics file."""
     from raypt import config
-    from raypt.launch import train
+    from raypt.driver import train
 
     cfg = config.load(None, [
         f"data.path={data}", f"run.storage={storage}", "run.name=elastic", "model.hidden_size=64",

@@ -1,6 +1,7 @@
 """Every user mistake exits before any cluster work with one message naming field, value and what is allowed."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -23,8 +24,30 @@ BAD = [
     (["run.name=bad name!"], ["run.name", "'bad name!'", "pattern"]),
     (["train.schedule.name=linear"], ["train.schedule.name", "'linear'", "'cosine' or 'constant'"]),
     (["train.betas=[0.9]"], ["train.betas", "[0.9]"]),
+    (["train.betas=[0.9, 1.0]"], ["train.betas.1: got 1.0", "less than 1"]),
+    (["scaling.workers=0"], ["scaling.workers: got 0", "greater than or equal to 1"]),
     (["scaling.workers={min: 1}"], ["scaling.workers.max", "Field required"]),
+    (["train.weight_decay=-0.1"], ["train.weight_decay: got -0.1", "greater than or equal to 0"]),
+    (["train.eps=0"], ["train.eps: got 0", "greater than 0"]),
+    (["checkpoint.keep=0"], ["checkpoint.keep: got 0", "greater than or equal to 1"]),
+    (["data.prefetch_batches=-1"], ["data.prefetch_batches: got -1", "greater than or equal to 0"]),
+    (["data.image.crop_scale=[0.9, 0.5]"], ["data.image.crop_scale: got [0.9, 0.5]", "low <= high"]),
+    (["data.image.crop_scale=[0, 1]"], ["data.image.crop_scale.0: got 0", "greater than 0"]),
+    (["data.image.std=[0.2, 0.2, 0]"], ["data.image.std.2: got 0", "greater than 0"]),
+    (["data.image.mean=[0.5, 1.5, 0.5]"], ["data.image.mean.1: got 1.5", "less than or equal to 1"]),
+    (["model.mask_ratio=0.5"], ["model.mask_ratio: not a field of model.task 'clm' (it is a field of 'mae')",
+                                "allowed keys: task, hidden_size"]),
+    (["model.task=mae", "model.rope_theta=1"], ["model.rope_theta: not a field of model.task 'mae'",
+                                                "(it is a field of 'clm' and 'multimodal')"]),
+    (["model.task=mae", "model.mask_ratio=1"], ["model.mask_ratio: got 1", "less than 1"]),
+    (["model.task=gpt"], ["model.task: got 'gpt'", "'clm', 'mae' or 'multimodal'"]),
+    (["model.hidden_sise=64"], ["model.hidden_sise: unknown key", "did you mean 'hidden_size'"]),
+    (["train.schedule.name=constant", "train.schedule.min_lr_ratio=0.2"],
+     ["train.schedule.min_lr_ratio: not a field of train.schedule.name 'constant' (it is a field of 'cosine')"]),
     (["train.steps"], ["override 'train.steps'", "section.key=value"]),
+    (["run.trackers=[foo]"], ["run.trackers.0: got 'foo'", "'tensorboard', 'mlflow' or 'wandb'"]),
+    (["run.trackers=[mlflow, tensorboard, mlflow]"], ["run.trackers", "lists mlflow more than once",
+                                                      "allowed: tensorboard, mlflow, wandb"]),
 ]
 
 
@@ -85,3 +108,68 @@ def test_every_job_in_jobs_validates():
     for job in jobs:
         cfg = config.load(job, check_data=False)
         assert cfg.run.name, job
+
+
+def test_paths_are_absolute_and_stay_so_on_another_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(None, ["data.sources=[{name: a, path: data/a, prepare: {inputs: [raw/*.txt, s3://b/x]}}]",
+                             "run.resume_from=old/step000100", "data.prepare.tokenizer=data/a",
+                             "run.storage=s3://b/runs"], check_data=False)
+    assert cfg.data.path == str(tmp_path / "data/stdlib") and cfg.data.sources[0].path == str(tmp_path / "data/a")
+    assert cfg.data.sources[0].prepare.inputs == [str(tmp_path / "raw/*.txt"), "s3://b/x"]
+    assert cfg.data.prepare.tokenizer == str(tmp_path / "data/a")
+    assert cfg.run.resume_from == str(tmp_path / "old/step000100") and cfg.run.storage == "s3://b/runs"
+    (tmp_path / "worker").mkdir()
+    monkeypatch.chdir(tmp_path / "worker")  # a Ray worker runs elsewhere: the dict keeps the driver's paths
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+def test_load_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    cfg = config.load(None, ["s3.endpoint=http://127.0.0.1:9"], check_data=False)
+    assert "AWS_ENDPOINT_URL" not in os.environ and cfg.s3.env() == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+
+
+def test_trajectory_ignores_how_a_run_executes_and_catches_what_it_computes():
+    mix = "data.sources=[{{name: a, path: {}, weight: {}}}, {{name: b, path: /data/b}}]"
+    base = config.load(None, [mix.format("/data/a", 2)], check_data=False)
+    same = config.load(None, [mix.format("s3://bucket/a", 2), "data.prefetch_batches=0", "train.eval_every=7",
+                              "train.eval_batches=1", "train.steps=999", "checkpoint.every=3", "scaling.workers=1",
+                              "deepspeed.zero_stage=3", "run.storage=/elsewhere", "faults.kill_at_step=5",
+                              "train.global_batch=16", "run.trackers=[mlflow, wandb]", "run.group=sweep"],
+                       check_data=False)
+    assert same.trajectory() == base.trajectory() and same.digest() == base.digest()
+    assert len(base.digest()) == 16 and int(base.digest(), 16) >= 0
+    other = config.load(None, [mix.format("/data/a", 3), "train.lr=1e-3"], check_data=False)
+    assert other.digest() != base.digest()
+    assert config.trajectory_diff(base.trajectory(), other.trajectory()) == ["data.sources.0.weight", "train.lr"]
+    assert config.trajectory_diff(base.trajectory(), base.trajectory()) == []
+    mae = config.load(None, ["model.task=mae"], check_data=False)
+    assert "model.task" in config.trajectory_diff(base.trajectory(), mae.trajectory())
+
+
+def test_explain_lists_fields_with_types_bounds_defaults_and_meaning():
+    train = config.explain("train")
+    assert "betas: [float in [0, 1), float in [0, 1)] = [0.9, 0.95]" in train
+    assert "eps: float > 0 = 1e-08" in train and "AdamW's term added to the denominator" in train
+    assert "schedule: one of 'cosine', 'constant' by train.schedule.name (default 'cosine')" in train
+    assert "name: 'constant':" in train and "min_lr_ratio: float in [0, 1] = 0.1" in train  # its sub-sections too
+    model = config.explain("model")
+    assert all(f"task: {t!r}:" in model for t in ("clm", "mae", "multimodal"))
+    assert "mask_ratio: float in (0, 1) = 0.75" in model and "\ndata.image:" not in model
+    whole = config.explain()
+    for section in ("run:", "model:", "data.sources:", "data.image:", "train.schedule:", "scaling.workers:", "s3:"):
+        assert f"\n{section}" in "\n" + whole
+    assert "workers: int >= 1 or {min, max} = 2" in whole and "storage: path or URI = 'runs'" in whole
+    with pytest.raises(config.ConfigError, match="no section 'trian'; sections: run, model, data"):
+        config.explain("trian")
+    proc = subprocess.run([sys.executable, "-m", "raypt", "config", "explain", "train.schedule"],
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout == config.explain("train.schedule")
+
+
+def test_config_imports_no_torch_transformers_or_ray():
+    code = ("import sys, raypt.config; heavy = {m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'transformers', 'ray', 'deepspeed', 'PIL', 'soundfile'}; print(sorted(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ import pytest
 # Like a step on Ray Train's (non-main) training thread: a dozen 2 MiB activations live at once, then freed.
 PROBE = """
 import resource, threading, torch
-from raypt.engine import keep_host_memory
+from raypt.engines.device import keep_host_memory
 
 def faults_per_step():
     out = []

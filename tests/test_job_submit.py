@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from raypt import config
-from raypt.launch import run_dir
-from raypt.metrics import read_metrics
+from raypt.driver import run_dir
+from raypt.metrics.sink import read_metrics
 
 BIN = os.path.dirname(sys.executable)
 
@@ -146,3 +146,4 @@ def test_stopped_job_resubmitted_resumes_from_its_checkpoint(head, make_job, tmp
     resumed = [r for r in records if "resumed_from" in r]
     assert len(resumed) == 1 and resumed[0]["resumed_from"] > 0
     assert json.load(open(os.path.join(folder, "step000400", "raypt_state.json")))["step"] == 400
+

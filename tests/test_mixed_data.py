@@ -9,8 +9,8 @@ from raypt import config
 from raypt.data.mix import MixPlan
 from raypt.data.prepare import prepare
 from raypt.data.stream import SOURCE_BITS
-from raypt.launch import run_dir, train
-from raypt.metrics import read_metrics
+from raypt.driver import run_dir, train
+from raypt.metrics.sink import read_metrics
 
 STEPS = 8
 

@@ -10,8 +10,8 @@ import pytest
 from raypt import config
 from raypt.data.prepare import prepare
 from raypt.data.stream import SOURCE_BITS
-from raypt.launch import train
-from raypt.metrics import read_metrics
+from raypt.driver import train
+from raypt.metrics.sink import read_metrics
 
 JOBS = os.path.join(os.path.dirname(__file__), "..", "jobs")
 

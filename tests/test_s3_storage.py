@@ -7,7 +7,7 @@ import boto3
 import pyarrow.fs as pafs
 
 from raypt import checkpoint, storage
-from raypt.launch import train
+from raypt.driver import train
 
 
 def test_run_on_s3_checkpoints_restores_and_uploads_its_files(ray_cluster, s3_endpoint, make_job, monkeypatch,

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from raypt import config
-from raypt.launch import run_dir, train
-from raypt.metrics import read_metrics
+from raypt.driver import run_dir, train
+from raypt.metrics.sink import read_metrics
 
 STEPS = 4
 
@@ -78,7 +78,7 @@ def test_export_loads_in_transformers_alone_with_equal_logits(zero_runs, tmp_pat
     subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, os.path.join(folder, "export"), str(out)], check=True,
                    env=env, cwd=tmp_path)
     exported = torch.load(out, weights_only=True)
-    model = clm.build_model(cfg, {"text": read_manifest(cfg.data.path)}, seed=123)
+    model = clm.ClmTask(cfg, {"text": read_manifest(cfg.data.path)}).build_model(seed=123)
     checkpoint.load_weights(model, os.path.join(folder, f"step{STEPS:06d}"))
     with torch.no_grad():
         ours = model.eval()(exported["ids"]).logits

@@ -76,3 +76,11 @@ def rank_slots(plan: MixPlan, first_batch: int, num_batches: int, world: int, ra
         srcs.append(src[rank * per_rank:(rank + 1) * per_rank])
         positions.append(pos[rank * per_rank:(rank + 1) * per_rank])
     return np.concatenate(srcs), np.concatenate(positions)
+
+
+def plans(stage_weights: list[tuple[int, list[float]]], global_batch: int, tokens_per_sample: list[int]
+          ) -> tuple[MixPlan, MixPlan]:
+    """The training plan (every stage) and the validation plan (the first stage's weights throughout)."""
+    stages = [(at, np.array(w)) for at, w in stage_weights]
+    return (MixPlan(stages, global_batch, np.array(tokens_per_sample)),
+            MixPlan(stages[:1], global_batch, np.array(tokens_per_sample)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from typing import Iterator
 
 import numpy as np
@@ -16,13 +17,13 @@ import pyarrow.parquet as pq
 
 from raypt import storage
 from raypt.data import decode
+from raypt.data.features import BATCH_KEY
 from raypt.data.manifest import modality, shard_uri
 from raypt.data.mix import MixPlan, rank_slots
 from raypt.data.order import GlobalOrder
 
 SOURCE_BITS = 40  # sample ids of source s are s << 40 | the id inside the source: unique across a mix
 COLUMN = {"text": "input_ids", "image": "image", "audio": "audio"}
-BATCH_KEY = {"text": "input_ids", "image": "pixel_values", "audio": "audio_features"}
 
 
 def read_rows(uris: list[str], files: np.ndarray, groups: np.ndarray, rows: np.ndarray, column: str) -> pa.Table:
@@ -143,3 +144,24 @@ class RankStream:
             for packed in row["window"]:
                 with np.load(io.BytesIO(packed), allow_pickle=False) as window:
                     yield from self.micro_batches(dict(window))
+
+
+class Timed:
+    """A rank's batch iterator that counts the seconds spent waiting for batches and keeps their sample ids."""
+
+    def __init__(self, batches: Iterator[dict]):
+        self.batches = batches
+        self.reset()
+
+    def reset(self) -> None:
+        self.wait, self.ids = 0.0, []
+
+    def __iter__(self) -> "Timed":
+        return self
+
+    def __next__(self) -> dict:
+        t = time.perf_counter()
+        batch = next(self.batches)
+        self.wait += time.perf_counter() - t
+        self.ids.append(batch.pop("sample_id"))
+        return batch

@@ -1,25 +1,32 @@
-"""Tasks: what a model learns from which modalities. Each module offers the same small interface:
-build_model, loss, tokens_per_sample, flops_per_sample and export."""
+"""Tasks: what a model learns from which modalities, each a `Task` with its own `model:` section. One registry:
+a new task is a module that registers a `Task` subclass, plus its import line below."""
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from raypt.schema import ConfigError, tagged_union
+from raypt.tasks import clm  # noqa: F401  (registers itself; the default, listed first)
+from raypt.tasks import mae  # noqa: F401
+from raypt.tasks import multimodal  # noqa: F401
+from raypt.tasks.base import TASKS, Task, TaskConfig, register
 
-from raypt.data.manifest import modality
+# The type of the job's `model:` section: the config of the task its `task` key names, clm when it names none.
+TaskConfigUnion = tagged_union({name: task.Config for name, task in TASKS.items()}, "task", default="clm")
+MODALITIES = {name: task.modalities for name, task in TASKS.items()}  # the data each task takes
 
-MODALITIES = {"clm": ("text",), "mae": ("image",), "multimodal": ("text", "image", "audio")}  # what each takes;
-# the order of multimodal's is the order its modules run in
 
-
-def get_task(name: str) -> ModuleType:
-    if name not in MODALITIES:
-        raise ValueError(f"model.task: got {name!r}; allowed: {', '.join(MODALITIES)}")
-    return importlib.import_module(f"raypt.tasks.{name}")
+def get_task(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ConfigError(f"model.task: got {name!r}; allowed: {', '.join(TASKS)}")
+    return TASKS[name]
 
 
 def by_modality(manifests: list[dict]) -> dict[str, dict]:
     """The first dataset of each modality speaks for it (text sources share one tokenizer)."""
+    from raypt.data.manifest import modality  # through storage, pyarrow: not at import (config imports this)
+
     out: dict[str, dict] = {}
     for m in manifests:
         out.setdefault(modality(m), m)
     return out
+
+
+__all__ = ["MODALITIES", "TASKS", "Task", "TaskConfig", "TaskConfigUnion", "by_modality", "get_task", "register"]

@@ -2,59 +2,75 @@
 from __future__ import annotations
 
 import tempfile
+from typing import TYPE_CHECKING, Literal
 
-import pyarrow.fs as pafs
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from pydantic import Field
 
-from raypt import storage
+from raypt.tasks import llama
+from raypt.tasks.base import Task, TaskConfig, register
 
-def hf_config(cfg, manifests: dict[str, dict]) -> LlamaConfig:
-    """Sizes come from the job, vocabulary and context from the prepared dataset."""
-    m, text = cfg.model, manifests["text"]
-    inter = m.intermediate_size or 32 * round(8 * m.hidden_size / 3 / 32)
-    eos = text["eos_id"]
-    return LlamaConfig(
-        vocab_size=text["vocab_size"], hidden_size=m.hidden_size, intermediate_size=inter,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads or m.num_heads, max_position_embeddings=text["seq_len"],
-        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std,
-        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, attn_implementation="sdpa",
-    )
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+    from transformers import LlamaConfig
 
 
-def build_model(cfg, manifests: dict[str, dict], seed: int) -> LlamaForCausalLM:
-    """Same seed -> same weights on every rank and every ZeRO stage."""
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(hf_config(cfg, manifests))
+class ClmConfig(TaskConfig):
+    """Next-token prediction on text with a Llama-family decoder."""
+    task: Literal["clm"] = "clm"
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base: larger = slower-rotating positions, for "
+                              "longer contexts")
+    tie_embeddings: bool = Field(False, description="share the input embedding and output projection matrices")
 
 
-def loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    ids = batch["input_ids"]
-    return model(input_ids=ids, labels=ids).loss.float()
+@register
+class ClmTask(Task):
+    name = "clm"
+    modalities = ("text",)
+    Config = ClmConfig
 
+    def hf_config(self) -> LlamaConfig:
+        """Sizes come from the job, vocabulary and context from the prepared dataset."""
+        from transformers import LlamaConfig
 
-def tokens_per_sample(cfg, manifests: dict[str, dict], modality: str) -> int:
-    return manifests["text"]["seq_len"]
+        m, text = self.cfg.model, self.manifests["text"]
+        eos = text["eos_id"]
+        return LlamaConfig(
+            vocab_size=text["vocab_size"], hidden_size=m.hidden_size, intermediate_size=llama.intermediate_size(m),
+            num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+            num_key_value_heads=m.num_kv_heads or m.num_heads, max_position_embeddings=text["seq_len"],
+            rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std,
+            bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, attn_implementation="sdpa",
+        )
 
+    def construct(self) -> nn.Module:
+        from transformers import LlamaForCausalLM
 
-def flops_per_sample(model: torch.nn.Module, cfg, modality: str) -> float:
-    """Training FLOPs per sequence: 6 x matmul parameters + attention scores, per token (PaLM appendix B)."""
-    hf = model.config
-    d, layers, inter, vocab = hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, hf.vocab_size
-    seq = hf.max_position_embeddings
-    kv = d * hf.num_key_value_heads // hf.num_attention_heads
-    matmul_params = layers * (d * d * 2 + d * kv * 2 + 3 * d * inter) + d * vocab
-    return (6 * matmul_params + 12 * layers * d * seq) * seq
+        return LlamaForCausalLM(self.hf_config())
 
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        ids = batch["input_ids"]
+        return model(input_ids=ids, labels=ids).loss.float(), {}
 
-def export(model: torch.nn.Module, cfg, manifests: dict[str, dict], out_dir: str) -> None:
-    """A Hugging Face folder (safetensors, config, tokenizer) that transformers loads without raypt."""
-    from transformers import AutoTokenizer
+    def tokens_per_sample(self, modality: str) -> int:
+        return self.manifests["text"]["seq_len"]
 
-    model.save_pretrained(out_dir, safe_serialization=True)
-    text = manifests["text"]
-    fs, root = storage.resolve(storage.join(text["root"], text["tokenizer"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        pafs.copy_files(root, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        AutoTokenizer.from_pretrained(tmp).save_pretrained(out_dir)
+    def flops_per_sample(self, model: nn.Module, modality: str) -> float:
+        """Per sequence; the output projection is the only head (the input embedding is a lookup)."""
+        hf = model.config
+        return llama.training_flops(hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads,
+                                    hf.num_key_value_heads, hf.intermediate_size, hf.hidden_size * hf.vocab_size,
+                                    hf.max_position_embeddings)
+
+    def export(self, model: nn.Module, out_dir: str) -> None:
+        """A Hugging Face folder (safetensors, config, tokenizer) that transformers loads without raypt."""
+        import pyarrow.fs as pafs
+        from transformers import AutoTokenizer
+
+        from raypt import storage
+
+        model.save_pretrained(out_dir, safe_serialization=True)
+        text = self.manifests["text"]
+        fs, root = storage.resolve(storage.join(text["root"], text["tokenizer"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            pafs.copy_files(root, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            AutoTokenizer.from_pretrained(tmp).save_pretrained(out_dir)

@@ -1,43 +1,25 @@
 """Masked image modelling (MAE, He et al. 2021) with transformers' ViTMAEForPreTraining."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from PIL import Image
-from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+from pydantic import Field
 
+from raypt.tasks.base import Task, TaskConfig, register
 
-def hf_config(cfg: Any) -> ViTMAEConfig:
-    """Encoder sizes from the job; the decoder keeps the encoder's head width where its size allows."""
-    m, head_dim = cfg.model, cfg.model.hidden_size // cfg.model.num_heads
-    dec = m.decoder_hidden_size
-    dec_heads = next(h for h in range(max(1, dec // head_dim), 0, -1) if dec % h == 0)
-    return ViTMAEConfig(
-        image_size=cfg.data.image.size, patch_size=m.patch_size, hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        intermediate_size=m.intermediate_size or 4 * m.hidden_size, initializer_range=m.init_std,
-        decoder_hidden_size=dec, decoder_num_hidden_layers=m.decoder_layers, decoder_num_attention_heads=dec_heads,
-        decoder_intermediate_size=4 * dec, mask_ratio=m.mask_ratio, norm_pix_loss=True,
-    )
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+    from transformers import ViTMAEConfig
 
 
-def build_model(cfg: Any, manifests: dict[str, dict], seed: int) -> ViTMAEForPreTraining:
-    """Same seed -> same weights on every rank and every ZeRO stage."""
-    torch.manual_seed(seed)
-    return ViTMAEForPreTraining(hf_config(cfg))
-
-
-def loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Pixel loss on the masked patches; the mask is drawn from torch's RNG, which checkpoints restore."""
-    pixels = batch["pixel_values"]
-    if pixels.ndim == 5:  # [rows, views, 3, S, S]: MAE needs one view
-        pixels = pixels[:, 0]
-    return model(pixel_values=pixels.to(model.dtype)).loss.float()  # DeepSpeed bf16 does not cast inputs
-
-
-def tokens_per_sample(cfg: Any, manifests: dict[str, dict], modality: str) -> int:
-    return (cfg.data.image.size // cfg.model.patch_size) ** 2
+class MaeConfig(TaskConfig):
+    """A ViT encoder sees the kept patches; a small decoder predicts the pixels of the masked ones."""
+    task: Literal["mae"] = "mae"
+    patch_size: int = Field(4, ge=1, description="side in pixels of the square patches (tokens) images are cut "
+                            "into; data.image.size must be a multiple")
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches hidden from the encoder")
+    decoder_hidden_size: int = Field(64, ge=8, description="width of the decoder")
+    decoder_layers: int = Field(2, ge=1, description="transformer blocks of the decoder")
 
 
 def _transformer_flops(hidden: int, layers: int, inter: int, tokens: int) -> float:
@@ -45,24 +27,62 @@ def _transformer_flops(hidden: int, layers: int, inter: int, tokens: int) -> flo
     return tokens * (6 * layers * (4 * hidden * hidden + 2 * hidden * inter) + 12 * layers * hidden * tokens)
 
 
-def flops_per_sample(model: torch.nn.Module, cfg: Any, modality: str) -> float:
-    """Every patch is embedded, the encoder sees the kept ones + CLS, the decoder all + CLS (PaLM-style count)."""
-    hf = model.config
-    patches = (hf.image_size // hf.patch_size) ** 2
-    kept = int(patches * (1 - hf.mask_ratio)) + 1
-    pixels = hf.patch_size ** 2 * hf.num_channels
-    encoder = _transformer_flops(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, kept)
-    decoder = _transformer_flops(hf.decoder_hidden_size, hf.decoder_num_hidden_layers,
-                                 hf.decoder_intermediate_size, patches + 1)
-    heads = 6 * (patches * pixels * hf.hidden_size + kept * hf.hidden_size * hf.decoder_hidden_size
-                 + (patches + 1) * hf.decoder_hidden_size * pixels)
-    return float(encoder + decoder + heads)
+@register
+class MaeTask(Task):
+    name = "mae"
+    modalities = ("image",)
+    Config = MaeConfig
 
+    def hf_config(self) -> ViTMAEConfig:
+        """Encoder sizes from the job; the decoder keeps the encoder's head width where its size allows."""
+        from transformers import ViTMAEConfig
 
-def export(model: torch.nn.Module, cfg: Any, manifests: dict[str, dict], out_dir: str) -> None:
-    """A folder that ViTMAEForPreTraining / AutoImageProcessor.from_pretrained load offline, preprocessing
-    (bicubic resize, mean/std) as training did."""
-    model.save_pretrained(out_dir, safe_serialization=True)
-    image = cfg.data.image
-    ViTImageProcessor(size={"height": image.size, "width": image.size}, resample=Image.Resampling.BICUBIC,
-                      image_mean=list(image.mean), image_std=list(image.std)).save_pretrained(out_dir)
+        m = self.cfg.model
+        head_dim, dec = m.hidden_size // m.num_heads, m.decoder_hidden_size
+        dec_heads = next(h for h in range(max(1, dec // head_dim), 0, -1) if dec % h == 0)
+        return ViTMAEConfig(
+            image_size=self.cfg.data.image.size, patch_size=m.patch_size, hidden_size=m.hidden_size,
+            num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+            intermediate_size=m.intermediate_size or 4 * m.hidden_size, initializer_range=m.init_std,
+            decoder_hidden_size=dec, decoder_num_hidden_layers=m.decoder_layers, decoder_num_attention_heads=dec_heads,
+            decoder_intermediate_size=4 * dec, mask_ratio=m.mask_ratio, norm_pix_loss=True,
+        )
+
+    def construct(self) -> nn.Module:
+        from transformers import ViTMAEForPreTraining
+
+        return ViTMAEForPreTraining(self.hf_config())
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Pixel loss on the masked patches; the mask is drawn from torch's RNG, which checkpoints restore."""
+        pixels = batch["pixel_values"]
+        if pixels.ndim == 5:  # [rows, views, 3, S, S]: MAE needs one view
+            pixels = pixels[:, 0]
+        return model(pixel_values=pixels.to(model.dtype)).loss.float(), {}  # DeepSpeed bf16 does not cast inputs
+
+    def tokens_per_sample(self, modality: str) -> int:
+        return (self.cfg.data.image.size // self.cfg.model.patch_size) ** 2
+
+    def flops_per_sample(self, model: nn.Module, modality: str) -> float:
+        """Every patch is embedded, the encoder sees the kept ones + CLS, the decoder all + CLS (PaLM-style count)."""
+        hf = model.config
+        patches = (hf.image_size // hf.patch_size) ** 2
+        kept = int(patches * (1 - hf.mask_ratio)) + 1
+        pixels = hf.patch_size ** 2 * hf.num_channels
+        encoder = _transformer_flops(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, kept)
+        decoder = _transformer_flops(hf.decoder_hidden_size, hf.decoder_num_hidden_layers,
+                                     hf.decoder_intermediate_size, patches + 1)
+        heads = 6 * (patches * pixels * hf.hidden_size + kept * hf.hidden_size * hf.decoder_hidden_size
+                     + (patches + 1) * hf.decoder_hidden_size * pixels)
+        return float(encoder + decoder + heads)
+
+    def export(self, model: nn.Module, out_dir: str) -> None:
+        """A folder that ViTMAEForPreTraining / AutoImageProcessor.from_pretrained load offline, preprocessing
+        (bicubic resize, mean/std) as training did."""
+        from PIL import Image
+        from transformers import ViTImageProcessor
+
+        model.save_pretrained(out_dir, safe_serialization=True)
+        image = self.cfg.data.image
+        ViTImageProcessor(size={"height": image.size, "width": image.size}, resample=Image.Resampling.BICUBIC,
+                          image_mean=list(image.mean), image_std=list(image.std)).save_pretrained(out_dir)

@@ -4,21 +4,27 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 from raypt import storage
-from raypt.config import FaultsConfig
+from raypt.hooks.base import Hook
 
 
 class InjectedFault(RuntimeError):
     """Raised by `faults.raise_at_step`."""
 
 
-class Faults:
-    def __init__(self, cfg: FaultsConfig, run_uri: str, rank: int):
+class Faults(Hook):
+    """`faults:` of the job: SIGKILL or SIGTERM a rank before a step, raise on rank 0, tear a checkpoint."""
+
+    def __init__(self, cfg: Any, run_uri: str, rank: int):
         self.cfg, self.run_uri, self.rank = cfg, run_uri, rank
 
     def _fire_once(self, name: str, step: int) -> bool:
-        """Write the marker before firing, so the restart the fault causes never fires it again."""
+        """Write the marker before firing, so the restart the fault causes never fires it again (unless the drill
+        repeats on every attempt)."""
+        if self.cfg.repeat:
+            return True
         marker = storage.join(self.run_uri, "faults", f"{name}.json")
         try:
             storage.read_json(marker)
@@ -27,7 +33,7 @@ class Faults:
             storage.write_json(marker, {"fault": name, "step": step, "rank": self.rank, "time": time.time()})
             return True
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, loop: Any, step: int) -> None:
         c = self.cfg
         if c.kill_at_step == step and self.rank == c.kill_rank and self._fire_once("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -36,9 +42,10 @@ class Faults:
         if c.raise_at_step == step and self.rank == 0 and self._fire_once("raise", step):
             raise InjectedFault(f"faults.raise_at_step: injected failure at step {step}")
 
-    def after_save(self, step: int, directory: str) -> None:
+    def save(self, loop: Any, step: int, record: dict) -> None:
         """Tear the checkpoint just written: its shard loses its tail after the sizes were committed."""
         if self.cfg.corrupt_checkpoint_at_step == step and self.rank == 0 and self._fire_once("corrupt", step):
+            directory = loop.saving_to
             shard = next(f for f in sorted(os.listdir(directory)) if f.startswith("state-"))
             with open(os.path.join(directory, shard), "r+b") as f:
                 f.truncate(max(0, os.path.getsize(f.name) // 2))

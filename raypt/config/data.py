@@ -1,0 +1,98 @@
+"""The `data:` section: which prepared datasets a run reads, how they mix, and how `raypt data prepare` makes them."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from raypt.data.features import AudioConfig, ImageConfig
+from raypt.schema import Location, Section
+
+
+class PrepareConfig(Section):
+    """How `raypt data prepare` turns raw files into shards; inputs are files, folders or globs, local or s3://."""
+    source: Literal["stdlib", "text", "images", "audio", "skimage", "stdlib-audio"] = Field(
+        "stdlib", description="stdlib (code), skimage (images) and stdlib-audio ship with the install; text, images "
+        "and audio read data.prepare.inputs")
+    inputs: list[Location] = Field(default_factory=list, description="text: .txt/.jsonl/.parquet; images: image "
+                                   "files or .parquet; audio: .wav/.flac (local paths are made absolute)")
+    text_field: str = Field("text", min_length=1, description="JSONL key or Parquet column holding a document")
+    image_field: str = Field("image", min_length=1, description="Parquet column holding encoded image bytes")
+    image_max_side: Optional[int] = Field(None, ge=8, description="store images shrunk to this longest side in "
+                                          "pixels (as PNG); None = as they are")
+    tokenizer: Optional[Location] = Field(None, description="a prepared dataset whose tokenizer to reuse: text "
+                                          "sources mixed in one run must share one vocabulary; None = train one")
+    max_bytes: int = Field(6_000_000, ge=10_000, description="stdlib: characters of source code to read")
+    vocab_size: int = Field(2048, ge=260, le=262144, description="tokens of the byte-level BPE tokenizer trained "
+                            "on the training split (256 bytes + end-of-text + merges)")
+    seq_len: int = Field(128, ge=8, description="tokens per packed training sequence")
+    val_fraction: float = Field(0.02, gt=0, lt=0.5, description="share of documents (by a hash of their name) "
+                                "held out for validation; each split gets at least one")
+    rows_per_group: int = Field(256, ge=1, description="samples per Parquet row group, the unit of reads and of "
+                                "shuffling")
+
+
+class SourceConfig(Section):
+    """One prepared dataset of a mix."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="names the source in data.stages and in metrics")
+    path: Location = Field(description="a prepared dataset (its manifest.json), local or s3://")
+    weight: float = Field(1.0, ge=0, description="share of every global batch, as exact counts (weights are "
+                          "relative; 0 = left out until a stage gives it weight)")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="how `data prepare` makes it")
+
+
+class StageConfig(Section):
+    """New mix weights from a point of the run on (curricula, annealing, replay)."""
+    at_tokens: int = Field(ge=1, description="global tokens seen from which these weights hold")
+    weights: dict[str, float] = Field(description="source name -> weight (>= 0, one > 0); sources not named "
+                                      "keep their weight")
+
+
+class DataConfig(Section):
+    """What a run reads and how its samples become inputs."""
+    path: Location = Field("data/stdlib", validate_default=True, description="the prepared dataset of a run "
+                           "without data.sources, local or s3://")
+    sources: list[SourceConfig] = Field(default_factory=list, description="a mix; empty = data.path alone")
+    stages: list[StageConfig] = Field(default_factory=list, description="weights that change at token counts")
+    prefetch_batches: int = Field(4, ge=0, description="windows of decoded batches Ray Data reads ahead of each "
+                                  "rank; 0 = no read-ahead")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="how `data prepare` makes data.path")
+    image: ImageConfig = Field(default_factory=ImageConfig, description="image decoding and augmentation")
+    audio: AudioConfig = Field(default_factory=AudioConfig, description="audio clips and log-mel features")
+    on_bad_record: Literal["skip", "fail"] = Field("skip", description="a record `data prepare` cannot read")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="skip no more than this share of records")
+
+    @model_validator(mode="after")
+    def _mix_is_consistent(self) -> "DataConfig":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources: names must be unique, got {names}")
+        if self.sources and not sum(s.weight for s in self.sources) > 0:
+            raise ValueError("data.sources: at least one weight must be > 0")
+        allowed = names or ["main"]
+        last = 0
+        for i, stage in enumerate(self.stages):
+            unknown = sorted(set(stage.weights) - set(allowed))
+            if unknown:
+                raise ValueError(f"data.stages.{i}.weights: unknown source {unknown[0]!r}; sources are {allowed}")
+            if any(w < 0 for w in stage.weights.values()) or not sum(stage.weights.values()) > 0:
+                raise ValueError(f"data.stages.{i}.weights: got {stage.weights}; weights must be >= 0, one > 0")
+            if stage.at_tokens <= last:
+                raise ValueError(f"data.stages.{i}.at_tokens: got {stage.at_tokens}; stages must start in "
+                                 f"increasing token order (previous {last})")
+            last = stage.at_tokens
+        return self
+
+    def mix(self) -> list[SourceConfig]:
+        """The sources of a run: `data.sources`, or `data.path` alone as the source 'main'."""
+        return self.sources or [SourceConfig(name="main", path=self.path, prepare=self.prepare)]
+
+    def stage_weights(self) -> list[tuple[int, list[float]]]:
+        """(at_tokens, weight per source) from the start, each stage naming only the weights it changes."""
+        weights = [s.weight for s in self.mix()]
+        out = [(0, list(weights))]
+        for stage in self.stages:
+            names = [s.name for s in self.mix()]
+            weights = [stage.weights.get(n, w) for n, w in zip(names, weights)]
+            out.append((stage.at_tokens, list(weights)))
+        return out

@@ -1,0 +1,96 @@
+"""The engine strategy: the one interface the worker loop talks to, whatever runs the model.
+
+An engine owns how a step runs (ZeRO's per-micro-batch backward/step, a pipeline's whole-batch schedule), which
+ranks are data-parallel peers, and how its sharded state maps to full tensors by parameter name. The loop never
+says "world size" where it means data parallelism: it asks the engine for `dp_rank` / `dp_size`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Optional
+
+from raypt.metrics import Metric
+
+if TYPE_CHECKING:
+    import torch
+
+    from raypt.checkpoint import Reader
+    from raypt.config import JobConfig
+
+Batch = dict  # name -> tensor, as the data stream yields it
+LossFn = Callable[["torch.nn.Module", Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+PARAM, MOMENTS = "param", ("exp_avg", "exp_avg_sq")  # the kinds of per-parameter state a checkpoint holds
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits: its rank in the whole group and in its data-parallel group."""
+    world: int
+    rank: int
+    dp_size: int
+    dp_rank: int
+
+    @classmethod
+    def data_parallel(cls, world: int, rank: int) -> "Topology":
+        return cls(world, rank, world, rank)
+
+
+class Engine(ABC):
+    """Builds the distributed model and optimizer, runs steps, and exposes state as full tensors by name."""
+
+    name: ClassVar[str]
+    metrics: ClassVar[tuple[Metric, ...]] = ()  # anything train_step reports beyond the loss
+
+    topology: Topology
+    micro_batches: int  # micro-batches this rank feeds per optimizer step
+    device: "torch.device"
+    module: "torch.nn.Module"  # what the task's loss is called on
+
+    @property
+    def dp_rank(self) -> int:
+        return self.topology.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.topology.dp_size
+
+    @property
+    def dp_group(self):
+        """The process group of this rank's data-parallel peers (None: the whole group)."""
+        return None
+
+    @property
+    def consumes_data(self) -> bool:
+        """Whether this rank reads input batches (every rank here; a pipeline's first and last stages)."""
+        return True
+
+    @classmethod
+    @abstractmethod
+    def build(cls, model: "torch.nn.Module", cfg: "JobConfig", topology: Topology,
+              restore: Optional["Reader"] = None) -> "Engine":
+        """Wrap a freshly built model; with `restore`, continue from that checkpoint's weights and optimizer."""
+
+    @abstractmethod
+    def train_step(self, batches: Iterator[Batch], loss_fn: LossFn) -> "tuple[torch.Tensor, dict]":
+        """One optimizer step over `micro_batches` batches drawn from `batches`: (mean loss, mean metrics)."""
+
+    @abstractmethod
+    def eval_step(self, batch: Batch, loss_fn: LossFn) -> "tuple[torch.Tensor, dict]":
+        """Loss (and metrics) of one batch without gradients."""
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None: ...
+
+    @abstractmethod
+    def optimizer_steps(self) -> int:
+        """Adam's step counter (bias correction), saved with the checkpoint."""
+
+    @abstractmethod
+    def state_tensors(self) -> Iterator[tuple[str, int, Optional["torch.Tensor"]]]:
+        """Collective: every rank walks the same keys (`param/NAME`, `exp_avg/NAME`, `exp_avg_sq/NAME`) and gets
+        (key, owner rank, full fp32 tensor) where it is the owner, (key, owner, None) elsewhere."""
+
+    def local_to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

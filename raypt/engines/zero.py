@@ -1,0 +1,213 @@
+"""DeepSpeed ZeRO 0-3 (with optional CPU offload) as an engine: every rank is a data-parallel peer."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from typing import Iterator, Optional
+
+import torch
+
+from raypt.config import JobConfig
+from raypt.engines.base import MOMENTS, PARAM, Batch, Engine, LossFn, Topology
+from raypt.engines.device import accelerator, precision
+
+log = logging.getLogger(__name__)
+
+
+def grad_accumulation(cfg: JobConfig, dp_size: int) -> int:
+    per_step = cfg.train.micro_batch * dp_size
+    if cfg.train.global_batch % per_step:
+        raise ValueError(f"train.global_batch {cfg.train.global_batch} is not a multiple of micro_batch "
+                         f"{cfg.train.micro_batch} x data-parallel size {dp_size}")
+    return cfg.train.global_batch // per_step
+
+
+def ds_config(cfg: JobConfig, dp_size: int) -> dict:
+    prec = precision(cfg.deepspeed.precision)
+    zero: dict = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": accelerator() == "cuda"}
+        if cfg.deepspeed.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": accelerator() == "cuda"}
+    conf = {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": grad_accumulation(cfg, dp_size),
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 30,
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
+    }
+    if cfg.deepspeed.offload == "cpu":
+        conf["optimizer"] = {"type": "AdamW", "params": optimizer_args(cfg)}
+    return conf
+
+
+def optimizer_args(cfg: JobConfig) -> dict:
+    t = cfg.train
+    return {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No decay on norms and biases (1-D tensors), as in GPT/Llama recipes."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_ops(cfg: JobConfig) -> None:
+    """Build DeepSpeed's JIT ops under a kernel lock: torch's build lock is a plain file that a worker killed
+    mid-build (a resize, a preemption) leaves behind, and every later restart on that node would wait on it forever."""
+    os.environ.setdefault("DS_ACCELERATOR", accelerator())
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory, get_default_build_root
+
+    names = (["ShareMemCommBuilder"] if accelerator() == "cpu" else []) + (
+        ["CPUAdamBuilder"] if cfg.deepspeed.offload == "cpu" else [])
+    builders = [b for b in map(get_accelerator().create_op_builder, names) if b is not None and b.is_compatible(False)]
+    if not builders:
+        return
+    os.makedirs(get_default_build_root(), exist_ok=True)
+    with open(os.path.join(get_default_build_root(), "raypt-build.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the kernel drops it when its holder dies
+        for builder in builders:
+            stale = os.path.join(_get_build_directory(builder.name, False), "lock")
+            if os.path.exists(stale):
+                log.warning("removing %s, left by a process killed while building %s", stale, builder.name)
+                os.remove(stale)
+            builder.load(verbose=False)
+
+
+class ZeroEngine(Engine):
+    """`deepspeed.initialize` with ZeRO stage 0-3. Offload needs DeepSpeed's CPU Adam; otherwise torch's AdamW
+    (fused on CUDA) skips a JIT build."""
+
+    name = "zero"
+
+    def __init__(self, ds, topology: Topology, micro_batches: int):
+        self.ds, self.topology, self.micro_batches = ds, topology, micro_batches
+        self.device, self.module = ds.device, ds  # the loss runs through the engine, so ZeRO-3 hooks see it
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, cfg: JobConfig, topology: Topology, restore=None) -> "ZeroEngine":
+        load_ops(cfg)
+        import deepspeed
+
+        if restore is not None:  # before initialize, so ZeRO builds its fp32 master copy from these weights
+            model.load_state_dict(restore.tensors(PARAM), strict=True)
+        conf = ds_config(cfg, topology.dp_size)
+        groups = param_groups(model, cfg.train.weight_decay)
+        optimizer = None
+        if "optimizer" not in conf:
+            args = optimizer_args(cfg)
+            optimizer = torch.optim.AdamW(groups, lr=args["lr"], betas=tuple(args["betas"]), eps=args["eps"],
+                                          fused=accelerator() == "cuda")
+        ds, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=conf,
+                                      dist_init_required=False)
+        engine = cls(ds, topology, conf["gradient_accumulation_steps"])
+        if restore is not None:
+            engine._load_optimizer(restore)
+        return engine
+
+    def train_step(self, batches: Iterator[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
+        loss_sum, sums = torch.zeros((), device=self.device), {}
+        for _ in range(self.micro_batches):
+            loss, metrics = loss_fn(self.ds, self.local_to_device(next(batches)))
+            self.ds.backward(loss)
+            self.ds.step()
+            loss_sum += loss.detach()  # summed on the device: no host sync per micro-batch on a GPU
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+        return loss_sum / self.micro_batches, {k: v / self.micro_batches for k, v in sums.items()}
+
+    def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
+        self.ds.eval()
+        with torch.no_grad():
+            loss, metrics = loss_fn(self.ds, self.local_to_device(batch))
+        self.ds.train()
+        return loss, metrics
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    # --- state as full tensors by parameter name ------------------------------------------------------------
+    def _base(self) -> torch.optim.Optimizer:
+        opt = self.ds.optimizer
+        return getattr(opt, "optimizer", opt)
+
+    def _link(self) -> None:
+        """(Re)link ZeRO-1/2 and bf16 fragments to Adam's state: DeepSpeed links once, after the first group's
+        step, so later param groups (our no-decay group) and state we create on restore stay unlinked."""
+        opt = self.ds.optimizer
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+    def optimizer_steps(self) -> int:
+        for s in self._base().state.values():
+            if "step" in s:
+                return int(s["step"])
+        return 0
+
+    def state_tensors(self) -> Iterator[tuple[str, int, Optional[torch.Tensor]]]:
+        """Every rank joins the gathers (ZeRO-3 and ZeRO-1/2 fragments need them); parameter i is owned by
+        rank i % world."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        base, world, rank = self._base(), self.topology.world, self.topology.rank
+        self._link()
+        for i, (name, param) in enumerate(self.ds.module.named_parameters()):
+            for kind in (PARAM, *MOMENTS) if param.requires_grad else (PARAM,):  # frozen: no Adam state
+                value = safe_get_full_fp32_param(param) if kind == PARAM else \
+                    safe_get_full_optimizer_state(param, kind)
+                if value is None:  # ZeRO-0 in fp32: the optimizer works on the module's own tensors
+                    value = param.data if kind == PARAM else base.state[param][kind]
+                owner = i % world
+                yield f"{kind}/{name}", owner, value.detach().float().cpu().contiguous() if owner == rank else None
+
+    def _adam_keys(self) -> list[torch.Tensor]:
+        """The tensors Adam keys its state on: ZeRO's flat fp32 partitions, or the module's own parameters."""
+        opt = self.ds.optimizer
+        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+            if hasattr(opt, attr):
+                return list(getattr(opt, attr))
+        return [p for g in self._base().param_groups for p in g["params"]]
+
+    def _load_optimizer(self, restore) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        base, step = self._base(), restore.optimizer_steps
+        fused = any(g.get("fused") for g in base.param_groups)
+        for flat in self._adam_keys():  # Adam creates its state lazily; give it one to write into
+            if not base.state.get(flat):
+                base.state[flat] = {
+                    "step": torch.tensor(float(step), device=flat.device if fused else "cpu")
+                    if isinstance(base, torch.optim.AdamW) else step,
+                    "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        self._link()
+        for kind in MOMENTS:
+            full = restore.tensors(kind)
+            for name, param in self.ds.module.named_parameters():
+                if not param.requires_grad:
+                    continue
+                if getattr(param, "ds_id", None) is None and not hasattr(param, "_hp_mapping"):
+                    base.state[param][kind].copy_(full[name])
+                elif hasattr(param, "ds_tensor"):
+                    self._set_zero3_partition(param, full[name], kind)
+                else:
+                    safe_set_full_optimizer_state(param, full[name].to(self.device), kind)
+
+    def _set_zero3_partition(self, param: torch.nn.Parameter, full: torch.Tensor, kind: str) -> None:
+        """This rank's slice of a full tensor, zero-padded: DeepSpeed's own full setter does not pad the last
+        partition when a parameter does not split evenly over the ranks (e.g. 2048 elements over 3 ranks)."""
+        from deepspeed.utils import safe_set_local_optimizer_state
+
+        size = param.ds_tensor.numel()
+        start = self.topology.dp_rank * size
+        part = torch.zeros(size, dtype=full.dtype)
+        flat = full.flatten()[start:start + size]
+        part[:len(flat)] = flat
+        safe_set_local_optimizer_state(param, part.to(self.device), kind)

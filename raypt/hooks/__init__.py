@@ -1,0 +1,29 @@
+"""Loop hooks: the base class and event list (`base`), and the hooks every run has."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from raypt.hooks.base import Hook, Hooks
+from raypt.hooks.faults import Faults
+from raypt.hooks.preemption import Preemption
+from raypt.hooks.report import RayReport, ResumeNote, SampleAudit, SinkReport
+
+
+def standard_hooks(cfg: Any, sink: Optional[Any], run_uri: str, rank: int, extra: tuple = ()) -> Hooks:
+    """Fault drills, the metrics sink (rank 0, when there is one), reports to Ray, preemption; then `extra`
+    (hooks a caller of the driver's build step adds, e.g. `(hook, every)` pairs or hooks)."""
+    hooks = Hooks()
+    hooks.add(Faults(cfg.faults, run_uri, rank))
+    if cfg.run.log_sample_ids:
+        hooks.add(SampleAudit())
+    if sink is not None and rank == 0:
+        hooks.add(SinkReport(sink, cfg.run.log_every))
+    hooks.add(RayReport())
+    hooks.add(ResumeNote())
+    hooks.add(Preemption(cfg.failure.sigterm_grace_s, cfg.failure.preemption_check_every))
+    for entry in extra:
+        hooks.add(*entry) if isinstance(entry, tuple) else hooks.add(entry)
+    return hooks
+
+
+__all__ = ["Hook", "Hooks", "standard_hooks"]

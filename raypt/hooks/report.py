@@ -1,0 +1,94 @@
+"""Where a step's record goes: the run's metrics sink (metrics.jsonl, the trackers, the driver's console), in
+batches, and Ray (and so Tune) at every evaluation and every checkpoint."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from raypt.hooks.base import Hook
+
+
+class SinkReport(Hook):
+    """Rank 0's records reach the sink about once a second: one actor call per second instead of one per step on
+    the ranks' cores. Notable records (evaluations, resumptions, checkpoints) go at once."""
+
+    def __init__(self, sink: Any, log_every: int):
+        self.sink, self.log_every = sink, log_every
+        self.outbox: list[dict] = []
+        self.sent_at = 0.0
+
+    def start(self, loop: Any, reader: Optional[Any]) -> None:
+        import ray
+
+        ray.get(self.sink.begin.remote(loop.state.step))
+
+    def send(self, record: dict, now: bool) -> None:
+        self.outbox.append(record)
+        if now or time.monotonic() - self.sent_at >= 1.0:
+            self.sink.log.remote(self.outbox)
+            self.outbox, self.sent_at = [], time.monotonic()
+
+    def save(self, loop: Any, step: int, record: dict) -> None:
+        """Before the checkpoint can land: a resume from it must find every step's record."""
+        import ray
+
+        self.send(record, now=True)
+        ray.get(self.sink.flush.remote())
+
+    def step_end(self, loop: Any, step: int, record: dict) -> None:
+        if loop.saved_this_step:
+            return
+        notable = "val_loss" in record or "resumed_from" in record
+        if step % self.log_every == 0 or notable:
+            self.send(record, now=notable)
+
+    def end(self, loop: Any) -> None:
+        if self.outbox:
+            self.sink.log.remote(self.outbox)
+            self.outbox = []
+
+
+class RayReport(Hook):
+    """Every rank calls `ray.train.report` (a barrier) at each evaluation and each checkpoint; Ray keeps rank 0's
+    metrics. Each report carries the latest value of every metric the run declared (Tune refuses a result that
+    lacks the sweep's metric) and the URI of the last committed checkpoint."""
+
+    def __init__(self) -> None:
+        self.latest: dict = {}
+
+    def step_end(self, loop: Any, step: int, record: dict) -> None:
+        import ray.train
+
+        self.latest.update(record)
+        if "val_loss" in record or loop.saved_this_step:
+            committed = loop.uploader.committed
+            ray.train.report({**self.latest, **({"checkpoint": committed} if committed else {})})
+
+
+class ResumeNote(Hook):
+    """Rank 0 says where a resumed run came from, and which trajectory settings a fork changed."""
+
+    def start(self, loop: Any, reader: Optional[Any]) -> None:
+        from raypt.config import trajectory_diff
+
+        if reader is None or loop.rank != 0:
+            return
+        loop.note(f"resumed from step {reader.state.step} ({reader.state.world_size} -> {loop.world} workers, "
+                  f"{loop.engine.micro_batches} accumulation steps)")
+        changed = trajectory_diff(reader.trajectory, loop.cfg.trajectory()) if reader.trajectory else []
+        if changed:  # only a fork (run.resume_from) gets here: the driver refuses it for an auto-resume
+            loop.note(f"forked with changed settings: {', '.join(changed)}")
+
+
+class SampleAudit(Hook):
+    """`run.log_sample_ids`: every step's global sample ids, in global-batch order, for auditing that no sample
+    is repeated or skipped across restarts and resizes."""
+
+    def after_step(self, loop: Any, step: int, record: dict) -> None:
+        import torch
+        import torch.distributed as dist
+
+        mine = torch.cat(loop.batches.ids).to(loop.engine.device)
+        every = [torch.empty_like(mine) for _ in range(loop.engine.dp_size)]
+        dist.all_gather(every, mine, group=loop.engine.dp_group)
+        record["sample_ids"] = torch.cat(every).tolist()

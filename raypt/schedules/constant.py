@@ -1,0 +1,16 @@
+"""Warmup, then the peak for the rest of the run."""
+from __future__ import annotations
+
+from typing import Literal
+
+from raypt.schedules.base import register
+from raypt.schedules.warmup import Warmup
+
+
+@register
+class Constant(Warmup):
+    """Linear warmup, then the peak value to the end."""
+    name: Literal["constant"] = "constant"
+
+    def after_warmup(self, tokens: float, warm: float, total_tokens: float, peak: float) -> float:
+        return peak

@@ -1,0 +1,89 @@
+"""The gloo tier: engine strategies and checkpoints in a multi-process group that torch itself starts, no Ray.
+
+`run_group(world, scenario, out_dir, **kwargs)` spawns `world` processes, each joining one gloo group and calling
+`scenario(rank, world, out_dir, **kwargs)`; each rank writes what it saw to `out_dir/<scenario>-r<rank>.json`,
+which the test reads back. A tiny Llama on synthetic tokens keeps each group to seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Callable
+
+import torch
+
+VOCAB, SEQ, GLOBAL = 64, 16, 12  # 12 rows split over 1, 2, 3 or 4 ranks, one row per micro-batch
+TEXT = {"vocab_size": VOCAB, "seq_len": SEQ, "eos_id": 0}
+
+
+def job(stage: int, offload: str = "none", steps: int = 4):
+    from raypt.config import JobConfig
+
+    return JobConfig.model_validate({
+        "model": {"task": "clm", "hidden_size": 32, "num_layers": 2, "num_heads": 2},
+        "train": {"steps": steps, "global_batch": GLOBAL, "micro_batch": 1, "lr": 3e-3},
+        "deepspeed": {"zero_stage": stage, "offload": offload}, "scaling": {"workers": 1}})
+
+
+def global_batch(step: int) -> torch.Tensor:
+    """The rows of global step `step`: a pure function of the step, like raypt's data order (two batches in
+    turn, so a few steps learn something)."""
+    return torch.randint(0, VOCAB, (GLOBAL, SEQ), generator=torch.Generator().manual_seed(1000 + step % 2))
+
+
+def rank_batches(step: int, dp_size: int, dp_rank: int):
+    """This rank's micro-batches of a step, in order (one row each)."""
+    per = GLOBAL // dp_size
+    rows = global_batch(step)[dp_rank * per:(dp_rank + 1) * per]
+    return iter({"input_ids": rows[i:i + 1]} for i in range(per))
+
+
+def build(cfg, world: int, rank: int, restore=None):
+    from raypt.engines import Topology, select
+    from raypt.tasks import get_task
+
+    task = get_task("clm")(cfg, {"text": TEXT})
+    model = task.build_model(cfg.run.seed)
+    return task, select(cfg).build(model, cfg, Topology.data_parallel(world, rank), restore)
+
+
+def train(task, engine, steps: range) -> list[float]:
+    """Run the steps; each loss as the run reports it (the mean over ranks)."""
+    from raypt.metrics import CORE, Reducer
+
+    reduce, losses = Reducer(CORE), []
+    for step in steps:
+        loss, _ = engine.train_step(rank_batches(step, engine.dp_size, engine.dp_rank), task.loss)
+        losses.append(reduce({"loss": loss})["loss"])
+    return losses
+
+
+def _entry(rank: int, world: int, port: int, scenario: Callable, out_dir: str, kwargs: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = scenario(rank, world, out_dir, **kwargs)
+        with open(os.path.join(out_dir, f"{scenario.__name__}-r{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(world: int, scenario: Callable, out_dir: str, **kwargs) -> list:
+    """Every rank's result, in rank order."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_entry, args=(world, port, scenario, out_dir, kwargs), nprocs=world, join=True)
+    results = []
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"{scenario.__name__}-r{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
