@@ -1,5 +1,5 @@
-"""`raypt` command line: train, config show/explain, data prepare, submit, export, generate. User mistakes exit 2,
-with one message and no traceback."""
+"""`raypt` command line: train, tune, config show/explain, data prepare, submit, export, generate. User mistakes
+exit 2, with one message and no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,12 @@ def parser() -> argparse.ArgumentParser:
     _job_args(tr)
     tr.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own output too (it always "
                     "goes to driver.log in the run folder)")
+    tu = sub.add_parser("tune", help="run (or continue) a sweep: `raypt tune SWEEP.yaml [overrides]`; "
+                        "`raypt tune show SWEEP_DIR` prints its table")
+    tu.add_argument("sweep", help="a sweep file, or `show`")
+    tu.add_argument("overrides", nargs="*", help="job overrides for every trial (sweep.KEY=VALUE for the sweep "
+                    "file's own settings); after `show`: the sweep folder")
+    tu.add_argument("--verbose", action="store_true", help="show Ray's, Tune's and DeepSpeed's own output too")
     show = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     _job_args(show.add_parser("show", help="print the fully resolved config with defaults"))
     show.add_parser("explain", help="every field of the job or of one section: type, bounds, default, meaning"
@@ -94,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.1%}")
         print(f"run folder: {folder}")
         return 0
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "export":
         return _export(args)
     if args.command == "submit":
@@ -128,3 +136,28 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     raise config.ConfigError(f"run.name: run '{cfg.run.name}' has no checkpoint under {folder}")
 
+
+def _tune(args: argparse.Namespace) -> int:
+    from raypt.console import chatter_to
+    from raypt.tune.results import table
+    from raypt.tune.run import run_sweep
+    from raypt.tune.sweep import SweepConfig, load_sweep
+
+    if args.sweep == "show":
+        if len(args.overrides) != 1:
+            raise config.ConfigError("tune show: give one sweep folder, e.g. raypt tune show sweeps/lr")
+        from raypt import storage
+
+        try:
+            raw = storage.read_text(storage.join(args.overrides[0].rstrip("/"), "sweep.yaml"))
+        except FileNotFoundError:
+            raise config.ConfigError(f"tune show: '{args.overrides[0]}' holds no sweep (sweep.yaml missing)") from None
+        print(table(SweepConfig.model_validate(yaml.safe_load(raw))))
+        return 0
+    sweep, job = load_sweep(args.sweep, args.overrides)
+    with chatter_to(os.path.join(sweep.folder if "://" not in sweep.folder else "sweeps", "driver.log"),
+                    args.verbose):
+        folder = run_sweep(sweep, job)
+    print(table(SweepConfig.model_validate(sweep.model_dump())))
+    print(f"sweep folder: {folder} (results.md, curves.png, best.yaml)")
+    return 0

@@ -184,7 +184,8 @@ def finish(cfg: JobConfig, error: Optional[Exception], wall_s: float, export: bo
     from raypt.metrics.sink import read_metrics
 
     folder, local = run_dir(cfg), local_dir(cfg)
-    latest = latest_good(folder, log=lambda m: None)
+    # A fork from a checkpoint at (or past) its last step trains nothing: the checkpoint it forked from is its end.
+    latest = latest_good(folder, log=lambda m: None) or cfg.run.resume_from
     if error is not None:
         kept = ", ".join(c.rsplit("/", 1)[-1] for c in list_checkpoints(folder)) or "none"
         failed = TrainingFailed(

@@ -147,3 +147,16 @@ def test_stopped_job_resubmitted_resumes_from_its_checkpoint(head, make_job, tmp
     assert len(resumed) == 1 and resumed[0]["resumed_from"] > 0
     assert json.load(open(os.path.join(folder, "step000400", "raypt_state.json")))["step"] == 400
 
+
+def test_sweep_submitted_with_ray_job_submit_succeeds(head, make_job, tmp_path):
+    address, env = head
+    job = job_file(make_job("train.steps=4", "train.eval_every=2", "checkpoint.every=2", "scaling.workers=1"),
+                   tmp_path / "job.yaml")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "submitted", "base": job, "storage": str(tmp_path / "sweeps"),
+                                     "search": {"train.lr": {"grid": [1e-3, 3e-3]}}}))
+    proc = subprocess.run([f"{BIN}/ray", "job", "submit", "--address", address, "--", "raypt", "tune", str(sweep)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = json.load(open(tmp_path / "sweeps" / "submitted" / "trials.json"))
+    assert sorted(status.values()) == ["finished", "finished"]

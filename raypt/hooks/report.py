@@ -51,18 +51,38 @@ class SinkReport(Hook):
 class RayReport(Hook):
     """Every rank calls `ray.train.report` (a barrier) at each evaluation and each checkpoint; Ray keeps rank 0's
     metrics. Each report carries the latest value of every metric the run declared (Tune refuses a result that
-    lacks the sweep's metric) and the URI of the last committed checkpoint."""
+    lacks the sweep's metric) and the URI of the last committed checkpoint. The latest values live in the
+    checkpoint too: a resumed run's first report, at a checkpoint before its first evaluation, still has them."""
+
+    name = "ray_report"
 
     def __init__(self) -> None:
         self.latest: dict = {}
 
+    def state(self) -> tuple[dict, dict]:
+        return {}, {"latest": self.latest}
+
+    def restore(self, tensors: dict, state: dict) -> None:
+        self.latest = dict(state.get("latest", {}))
+
+    def keep(self, loop: Any, record: dict) -> None:
+        """The declared metrics of a record; one-off entries (sample ids, where a run resumed) stay in their own
+        report."""
+        self.latest.update({k: v for k, v in record.items() if k in loop.reduce.declared})
+
+    def after_step(self, loop: Any, step: int, record: dict) -> None:
+        self.keep(loop, record)  # before a checkpoint of this step saves `latest`
+
+    def evaluate(self, loop: Any, step: int, record: dict) -> None:
+        self.keep(loop, record)
+
     def step_end(self, loop: Any, step: int, record: dict) -> None:
         import ray.train
 
-        self.latest.update(record)
+        self.keep(loop, record)
         if "val_loss" in record or loop.saved_this_step:
             committed = loop.uploader.committed
-            ray.train.report({**self.latest, **({"checkpoint": committed} if committed else {})})
+            ray.train.report({**self.latest, **record, **({"checkpoint": committed} if committed else {})})
 
 
 class ResumeNote(Hook):

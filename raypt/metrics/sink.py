@@ -26,7 +26,8 @@ class Sink:
         self.latest: dict = {}
         self.events: list[str] = []
         self.pending: list[dict] = []
-        self.reports: list[dict] = []  # evaluations and checkpoints, for a Tune trial that follows its run
+        self.reports: list[dict] = []  # rank 0's reports to Ray, for a Tune trial that follows its run
+        self.acked = -1  # the last step whose report that trial handed to Tune and Tune took
         self.flushed_at = time.monotonic()
         self.failing: set[str] = set()  # trackers whose last log failed: one line per outage, not per flush
         self.trackers = {name: TRACKERS[name]() for name in trackers}
@@ -50,15 +51,24 @@ class Sink:
         self.pending.extend(records)
         for record in records:
             self.latest = {**self.latest, **record}
-        self.reports.extend(r for r in records if "val_loss" in r or "checkpoint_s" in r)
         if time.monotonic() - self.flushed_at >= 1.0:  # on disk within a second even when nobody polls
             self.flush()
 
+    def report(self, metrics: dict) -> None:
+        """What rank 0 reported to Ray (at each evaluation and checkpoint: every declared metric's latest value)."""
+        self.reports.append(metrics)
+
     def take_reports(self) -> list[dict]:
-        """The evaluation and checkpoint records since the last call, in step order."""
+        """The reports since the last call, in step order."""
         self.flush()
         reports, self.reports = self.reports, []
         return reports
+
+    def ack(self, step: int) -> None:
+        self.acked = max(self.acked, step)
+
+    def acked_step(self) -> int:
+        return self.acked
 
     def flush(self) -> None:
         """Written in batches (on every poll, at most every second) so per-step logging costs the ranks' CPUs
