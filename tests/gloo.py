@@ -66,12 +66,14 @@ def _entry(rank: int, world: int, port: int, scenario: Callable, out_dir: str, k
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = scenario(rank, world, out_dir, **kwargs)
-        with open(os.path.join(out_dir, f"{scenario.__name__}-r{rank}.json"), "w") as f:
-            json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+    result = scenario(rank, world, out_dir, **kwargs)
+    with open(os.path.join(out_dir, f"{scenario.__name__}-r{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    # The result is on disk: leave without the interpreter's teardown, where a library thread still running
+    # (gloo's, DeepSpeed's) can end the process in std::terminate and fail a group that did its work.
+    os._exit(0)
 
 
 def run_group(world: int, scenario: Callable, out_dir: str, **kwargs) -> list:

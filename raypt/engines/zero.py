@@ -95,8 +95,6 @@ class ZeroEngine(Engine):
         load_ops(cfg)
         import deepspeed
 
-        if restore is not None:  # before initialize, so ZeRO builds its fp32 master copy from these weights
-            model.load_state_dict(restore.tensors(PARAM), strict=True)
         conf = ds_config(cfg, topology.dp_size)
         groups = param_groups(model, cfg.train.weight_decay)
         optimizer = None
@@ -108,6 +106,7 @@ class ZeroEngine(Engine):
                                       dist_init_required=False)
         engine = cls(ds, topology, conf["gradient_accumulation_steps"])
         if restore is not None:
+            engine._load_params(restore)
             engine._load_optimizer(restore)
         return engine
 
@@ -200,14 +199,41 @@ class ZeroEngine(Engine):
                 else:
                     safe_set_full_optimizer_state(param, full[name].to(self.device), kind)
 
-    def _set_zero3_partition(self, param: torch.nn.Parameter, full: torch.Tensor, kind: str) -> None:
-        """This rank's slice of a full tensor, zero-padded: DeepSpeed's own full setter does not pad the last
-        partition when a parameter does not split evenly over the ranks (e.g. 2048 elements over 3 ranks)."""
-        from deepspeed.utils import safe_set_local_optimizer_state
+    def _load_params(self, restore) -> None:
+        """The saved fp32 weights into the fp32 master copy, then the working copy (bf16 on GPUs) from it. Loaded
+        into the model before `deepspeed.initialize`, they would pass through the working precision and the
+        masters of a bf16 run would come back rounded."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        full, opt = restore.tensors(PARAM), self.ds.optimizer
+        for name, param in self.ds.module.named_parameters():
+            if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank's partition of the masters
+                self._set_zero3_partition(param, full[name], None)
+            elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer: the fp32 fragment
+                safe_set_full_fp32_param(param, full[name].to(self.device))
+            else:  # no separate master copy (ZeRO-0 in fp32), or fp16's: the module's own tensor
+                with torch.no_grad():
+                    param.copy_(full[name])
+        if hasattr(opt, "update_lp_params"):  # ZeRO-1/2, bf16: the working copy from the masters
+            opt.update_lp_params()
+        elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: each sub-group's working partition
+            for group in range(len(opt.fp32_partitioned_groups_flat)):
+                opt._reassign_or_swap_out_partitioned_parameters(group)
+        elif hasattr(opt, "refresh_fp32_params"):  # fp16 without ZeRO: its masters follow the module
+            opt.refresh_fp32_params()
+
+    def _set_zero3_partition(self, param: torch.nn.Parameter, full: torch.Tensor, kind: Optional[str]) -> None:
+        """This rank's slice of a full tensor (the fp32 master for kind None, else an Adam moment), zero-padded:
+        DeepSpeed's own full setter does not pad the last partition when a parameter does not split evenly over
+        the ranks (e.g. 2048 elements over 3 ranks)."""
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
         size = param.ds_tensor.numel()
         start = self.topology.dp_rank * size
         part = torch.zeros(size, dtype=full.dtype)
         flat = full.flatten()[start:start + size]
         part[:len(flat)] = flat
-        safe_set_local_optimizer_state(param, part.to(self.device), kind)
+        if kind is None:
+            safe_set_local_fp32_param(param, part.to(self.device))
+        else:
+            safe_set_local_optimizer_state(param, part.to(self.device), kind)

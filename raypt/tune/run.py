@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import yaml
+from ray.tune import Callback
 
 from raypt import storage
 from raypt.console import console
@@ -59,41 +60,35 @@ def scheduler(sweep: SweepConfig, job: Any) -> Any:
     return FIFOScheduler()
 
 
-class Progress:
-    """A Tune callback: one console line per trial state change, and the table at most every `every_s`."""
+class Progress(Callback):
+    """One console line per trial state change, and the table at most every `every_s`."""
 
-    def __new__(cls, sweep: SweepConfig, every_s: float = 30.0):
-        from ray.tune import Callback
+    def __init__(self, sweep: SweepConfig, every_s: float = 30.0):
+        self.sweep, self.every_s, self.shown = sweep, every_s, 0.0
 
-        class _Progress(Callback):
-            def __init__(self) -> None:
-                self.shown = 0.0
+    def say(self, trial: Any, what: str) -> None:
+        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in trial.config.get("values", {}).items())
+        print(f"[raypt] {trial_name(trial)} {what} ({values})", file=console(), flush=True)
 
-            def say(self, trial: Any, what: str) -> None:
-                values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in trial.config.get("values", {}).items())
-                print(f"[raypt] {trial_name(trial)} {what} ({values})", file=console(), flush=True)
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.say(trial, "started")
 
-            def on_trial_start(self, iteration, trials, trial, **info) -> None:
-                self.say(trial, "started")
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        self.say(trial, f"ended at step {last.get('step', '?')}, {self.sweep.metric} "
+                        f"{last.get(self.sweep.metric, float('nan')):.4g}")
 
-            def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-                last = trial.last_result or {}
-                self.say(trial, f"ended at step {last.get('step', '?')}, {sweep.metric} "
-                                f"{last.get(sweep.metric, float('nan')):.4g}")
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.say(trial, "failed")
 
-            def on_trial_error(self, iteration, trials, trial, **info) -> None:
-                self.say(trial, "failed")
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.say(trial, "failed; retrying from its latest checkpoint")
 
-            def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-                self.say(trial, "failed; retrying from its latest checkpoint")
-
-            def on_step_end(self, iteration, trials, **info) -> None:
-                if time.monotonic() - self.shown >= every_s:
-                    self.shown = time.monotonic()
-                    print(table(sweep), file=console(), flush=True)
-
-        return _Progress()
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self.shown >= self.every_s:
+            self.shown = time.monotonic()
+            print(table(self.sweep), file=console(), flush=True)
 
 
 def run_sweep(sweep: SweepConfig, job: dict) -> str:
