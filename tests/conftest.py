@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -30,6 +31,18 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_cluster" in item.fixturenames or item.module.__name__ in RAY_MODULES:
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_stale_cluster_marker(request):
+    """Nodes started with `ray start` or ray.cluster_utils can leave /tmp/ray/ray_current_cluster behind once
+    stopped. Every State API client of the suite's own cluster then resolves that dead address: Ray Train's
+    placement-group cleaner crashed on it and the placement groups of trials Tune stopped were never released,
+    so later trials waited forever. After a module that starts nodes of its own, none is left."""
+    yield
+    marker = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    if request.module.__name__ in RAY_MODULES and os.path.exists(marker):
+        os.remove(marker)
 
 
 @pytest.fixture(scope="session")

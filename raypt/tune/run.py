@@ -99,9 +99,11 @@ def run_sweep(sweep: SweepConfig, job: dict) -> str:
 
     from raypt import config
     from raypt.driver import TRACKER_ENV, init_ray
+    from raypt.metrics import trackers
 
     space = check_trials(sweep, job)  # before any cluster work: a bad sweep fails in seconds
     base = config.from_dict(job)
+    trackers.check(base.run.trackers)
     os.environ.update(base.s3.env())
     init_ray(base.s3.env())
     at_once = concurrency(sweep, base, ray.cluster_resources().get("CPU", 0))
