@@ -90,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = config.load(args.job, args.overrides)
         try:
             with chatter_to(os.path.join(local_dir(cfg), "driver.log"), args.verbose):
-                folder = train(cfg)
+                try:
+                    folder = train(cfg)
+                finally:  # Ray forwards worker output late: disconnect while it still goes to the log
+                    import ray
+
+                    ray.shutdown()
         except TrainingFailed as e:
             print(f"raypt: {e}", file=sys.stderr)
             return 1
