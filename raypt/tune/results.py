@@ -11,7 +11,7 @@ from typing import Any, Optional
 import yaml
 
 from raypt import storage
-from raypt.tune.sweep import SweepConfig
+from raypt.tune.sweep import SweepConfig, value_at
 
 STATUS = "trials.json"  # each trial's end as Tune saw it: finished, stopped early, failed
 
@@ -21,12 +21,6 @@ def _read(uri: str) -> Optional[str]:
         return storage.read_text(uri)
     except FileNotFoundError:  # a trial that has not written it yet
         return None
-
-
-def _at(tree: Any, key: str) -> Any:
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def trials(sweep: SweepConfig) -> list[dict]:
@@ -48,7 +42,7 @@ def trials(sweep: SweepConfig) -> list[dict]:
         summary = json.loads(_read(storage.join(folder, "summary.json")) or "{}")
         times = [r["time"] for r in records if "time" in r]
         rows.append({
-            "trial": name, **{k: _at(job, k) for k in sweep.search},
+            "trial": name, **{k: value_at(job, k) for k in sweep.search},
             "step": max((r["step"] for r in records), default=0),
             "tokens": max((r.get("tokens_seen", 0) for r in records), default=0),
             f"final_{sweep.metric}": curve[-1][1] if curve else None,
@@ -95,7 +89,7 @@ def write_results(sweep: SweepConfig, base_job: dict, results: dict[str, Any]) -
     for row in trials(sweep):
         result = results.get(row["trial"])
         if result is not None:
-            done = row["step"] >= _at(row["job"], "train.steps")
+            done = row["step"] >= value_at(row["job"], "train.steps")
             ended[row["trial"]] = "failed" if result.error else ("finished" if done else "stopped early")
     storage.write_text(storage.join(sweep.folder, STATUS), json.dumps(ended, indent=1))
     rows = trials(sweep)

@@ -187,7 +187,7 @@ def check_trials(sweep: SweepConfig, job: dict) -> dict[str, Any]:
                 cfg = trial_job({**firsts, key: value})
             except ConfigError as e:
                 raise ConfigError(f"search.{key}: the value {value!r} makes an invalid job:\n  {e}") from None
-            resolved.setdefault(key, []).append(_at(config.to_dict(cfg), key))
+            resolved.setdefault(key, []).append(value_at(config.to_dict(cfg), key))
     grids = [k for k, d in sweep.search.items() if d.kind == "grid"]
     for point in itertools.product(*(sweep.search[k].args for k in grids)):  # grid values must also combine
         try:
@@ -199,9 +199,10 @@ def check_trials(sweep: SweepConfig, job: dict) -> dict[str, Any]:
             for k, d in sweep.search.items()}
 
 
-def _at(tree: dict, key: str) -> Any:
+def value_at(tree: Any, key: str) -> Any:
+    """The value at a dotted key of a job dict, None where the path does not exist."""
     for part in key.split("."):
-        tree = tree[part]
+        tree = tree.get(part) if isinstance(tree, dict) else None
     return tree
 
 
