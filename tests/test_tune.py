@@ -243,9 +243,12 @@ def test_pbt_exploit_continues_from_the_donors_weights_and_data(ray_cluster, mak
     assert exploits, "no trial continued from another"
     for trial, first in exploits:
         donor = first["continued_from"]
-        assert first["step"] == donor["step"] + 1 and donor["trial"] != trial
-        assert set(donor["values"]) == {"train.lr"}
+        assert donor["trial"] != trial and set(donor["values"]) == {"train.lr"}
+        assert f"<-{donor['trial']}@{donor['step']}" in rows[trial]["lineage"]
+        if donor["step"] == 12:  # a slow trial may take a donor's last checkpoint: nothing is left to train
+            assert first["step"] == 12 and "loss" not in first
+            continue
+        assert first["step"] == donor["step"] + 1
         donor_loss = next(r["loss"] for r in records(folder, donor["trial"]) if r["step"] == first["step"])
         assert abs(first["loss"] - donor_loss) <= 1e-4  # the donor's weights and data position, before its LR acts
-        assert f"<-{donor['trial']}@{donor['step']}" in rows[trial]["lineage"]
     assert all(r["status"] == "finished" for r in rows.values())

@@ -35,10 +35,16 @@ def trial_job(job: dict, values: dict, name: str, folder: str, sweep: str) -> An
 
 
 class Lineage(Hook):
-    """The first record after an exploit says where the trial continued from: donor trial, step, new values."""
+    """The first record after an exploit says where the trial continued from: donor trial, step, new values. A
+    donor's last checkpoint leaves no step to train: then a record at that step says it."""
 
     def __init__(self, donor: str, step: int, values: dict):
         self.note = {"trial": donor, "step": step, "values": values}
+
+    def start(self, loop: Any, reader: Any) -> None:
+        s = loop.state
+        if loop.rank == 0 and loop.sink is not None and s.step >= loop.cfg.train.steps:
+            loop.sink.log.remote([{"step": s.step, "tokens_seen": s.tokens_seen, "continued_from": self.note}])
 
     def after_step(self, loop: Any, step: int, record: dict) -> None:
         if step == self.note["step"] + 1:
