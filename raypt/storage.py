@@ -17,15 +17,27 @@ class StorageError(OSError):
     """Storage that cannot be reached or refuses us, said in words a user can act on (never with a secret)."""
 
 
+class S3(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, pickled with every option it was made with. pyarrow's own pickling drops the
+    retry strategy (apache/arrow#47348, still so in pyarrow 26), and Ray Train pickles the filesystem the driver
+    hands it (RunConfig.storage_filesystem) to its controller and workers."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.options = options
+
+    def __reduce__(self) -> tuple:
+        return functools.partial(S3, **self.options), ()
+
+
 @functools.lru_cache(maxsize=16)
-def _s3(endpoint: str | None, region: str | None, bucket: str) -> pafs.S3FileSystem:
+def _s3(endpoint: str | None, region: str | None, bucket: str) -> S3:
     """Bounded retries and timeouts: an unreachable endpoint or refused credentials fail in seconds, never hang."""
     scheme, _, host = endpoint.partition("://") if endpoint else ("https", "", "")
     if not region and not endpoint:
         region = pafs.resolve_s3_region(bucket)
-    return pafs.S3FileSystem(endpoint_override=host or None, scheme=scheme, region=region or "us-east-1",
-                             connect_timeout=5, request_timeout=30,
-                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+    return S3(endpoint_override=host or None, scheme=scheme, region=region or "us-east-1", connect_timeout=5,
+              request_timeout=30, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
 
 
 @contextmanager
@@ -70,6 +82,23 @@ def explain(uri: str, error: OSError) -> StorageError:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """A folder (or one file) from one place to another, local or s3://, replacing files of the same name.
+    pyarrow's threaded copy deadlocked when it wrote more files to S3 than it has I/O threads (apache/arrow#15233,
+    fixed by #44897 in pyarrow 19: pyproject.toml asks for 19 or newer)."""
+    src_fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    try:
+        if isinstance(dst_fs, pafs.LocalFileSystem):  # pyarrow makes the folders below the top one, not the top
+            folder = src_fs.get_file_info(src_path).type == pafs.FileType.Directory
+            os.makedirs(dst_path if folder else os.path.dirname(dst_path), exist_ok=True)
+        pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise explain(src if "://" in src else dst, e) from None
 
 
 def read_text(uri: str) -> str:

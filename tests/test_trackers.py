@@ -189,3 +189,54 @@ def test_a_tracking_server_needs_no_database_packages(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)
     trackers.check(["mlflow", "wandb", "tensorboard"])
+
+
+def tensorboard_steps(folder: str, tag: str = "loss") -> dict[int, int]:
+    """What TensorBoard shows of a run folder: step -> the attempt that wrote it (see records)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(folder, "tensorboard"))
+    events.Reload()
+    return {e.step: int(e.value) for e in events.Scalars(tag)}
+
+
+def test_a_remote_run_continues_its_storage_copy_on_another_machine(env, s3_endpoint):
+    """Two drivers on two machines (two empty local folders) share one run on S3: the second continues what
+    storage held at the last checkpoint, and storage ends with every step once, in the files and in MLflow."""
+    import boto3
+    from mlflow import MlflowClient
+
+    from raypt import storage
+
+    boto3.client("s3").create_bucket(Bucket="raypt-live")
+    remote = "s3://raypt-live/runs/live"
+    kwargs = dict(trackers=["tensorboard", "mlflow"], run_name="live", remote=remote)
+
+    first = Sink(str(env / "machine-a" / "live"), **kwargs)
+    first.begin(0)
+    first.log(records(range(0, 4), attempt=1))
+    first.flush()  # the checkpoint of step 3
+    fetched = str(env / "look")
+    storage.copy_tree(remote, fetched)
+    assert [r["step"] for r in read_metrics(fetched)] == [0, 1, 2, 3]
+    assert tensorboard_steps(fetched) == {s: 1 for s in range(4)}, "TensorBoard reached storage at the checkpoint"
+    first.log(records(range(4, 6), attempt=1))
+    first.poll()  # steps 4 and 5 reach machine A's disk, then the machine is lost before the next checkpoint
+
+    second = Sink(str(env / "machine-b" / "live"), **kwargs)
+    second.begin(3)
+    second.log(records(range(4, 9), attempt=2))
+    second.flush()  # the checkpoint of step 8
+    second.close()
+
+    final = str(env / "final")
+    storage.copy_tree(remote, final)
+    expected = {**{s: 1 for s in range(4)}, **{s: 2 for s in range(4, 9)}}
+    assert [(r["step"], int(r["loss"])) for r in read_metrics(final)] == sorted(expected.items())
+    assert tensorboard_steps(final) == expected
+    # MLflow: machine B found the run id in storage and continued the same run. Steps 4 and 5 come twice: machine
+    # A sent them after the last checkpoint, and a service cannot take points back.
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("live").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4, 4, 5, 5, 6, 7, 8]

@@ -244,9 +244,8 @@ def shared_tokenizer(dataset: str):
     from transformers import AutoTokenizer
 
     manifest = storage.read_json(storage.join(dataset, MANIFEST))
-    fs, root = storage.resolve(storage.join(dataset, manifest["tokenizer"]))
     with tempfile.TemporaryDirectory() as tmp:
-        pafs.copy_files(root, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        storage.copy_tree(storage.join(dataset, manifest["tokenizer"]), tmp)
         return AutoTokenizer.from_pretrained(tmp)
 
 

@@ -27,6 +27,7 @@ class Tracker:
     records), log with the records of each flush in step order, and close at the end."""
     modules: ClassVar[tuple[str, ...]] = ()  # what start imports; check() looks for them before any cluster work
     install: ClassVar[str] = ""  # the pip line that brings them
+    files: ClassVar[tuple[str, ...]] = ()  # what it keeps in the run folder: mirrored to a remote run's storage
 
     @classmethod
     def needs(cls) -> tuple[str, ...]:
@@ -42,6 +43,9 @@ class Tracker:
         """The records of one flush: each has "step"; its numbers (see numeric) are the metrics."""
         raise NotImplementedError
 
+    def flush(self) -> None:
+        """Its files hold every record logged so far (called before they are copied to storage)."""
+
     def close(self) -> None:
         pass
 
@@ -50,6 +54,7 @@ class TensorBoard(Tracker):
     """Scalars under `tensorboard/` in the run folder."""
     modules = ("tensorboard",)
     install = "pip install tensorboard"
+    files = ("tensorboard",)
 
     def start(self, run_name: str, group: Optional[str], config: dict, folder: str) -> None:
         self.dir, self.writer = os.path.join(folder, "tensorboard"), None
@@ -65,6 +70,10 @@ class TensorBoard(Tracker):
         for record in records:
             for key, value in numeric(record).items():
                 self.writer.add_scalar(key, value, record["step"])
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -122,6 +131,7 @@ class MLflow(Service):
     """One MLflow run per raypt run, in the experiment named by run.group (else by the run): the resolved job as
     params and as the artifact config.yaml, every metric at its step. Tracking URI from MLFLOW_TRACKING_URI."""
     file = "mlflow_run.json"
+    files = (file,)
     install = "pip install 'raypt[mlflow]'"
 
     @classmethod
@@ -195,6 +205,7 @@ class WandB(Service):
     """One W&B run per raypt run: project WANDB_PROJECT (else raypt), group run.group, the resolved job as its
     config. Mode, entity and API key from the environment (WANDB_MODE, WANDB_ENTITY, WANDB_API_KEY)."""
     file = "wandb_run.json"
+    files = (file,)
     modules = ("wandb",)
     install = "pip install 'raypt[wandb]'"
 

@@ -63,14 +63,12 @@ class ClmTask(Task):
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         """A Hugging Face folder (safetensors, config, tokenizer) that transformers loads without raypt."""
-        import pyarrow.fs as pafs
         from transformers import AutoTokenizer
 
         from raypt import storage
 
         model.save_pretrained(out_dir, safe_serialization=True)
         text = self.manifests["text"]
-        fs, root = storage.resolve(storage.join(text["root"], text["tokenizer"]))
         with tempfile.TemporaryDirectory() as tmp:
-            pafs.copy_files(root, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            storage.copy_tree(storage.join(text["root"], text["tokenizer"]), tmp)
             AutoTokenizer.from_pretrained(tmp).save_pretrained(out_dir)
