@@ -6,10 +6,11 @@ import argparse
 import json
 import os
 import sys
+from typing import Any, Callable
 
 import yaml
 
-from raypt import config
+from raypt import config, preflight, storage
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -40,21 +41,42 @@ def parser() -> argparse.ArgumentParser:
     _job_args(sm)
     sm.add_argument("--address", help="the cluster's dashboard address (default: RAY_ADDRESS, then local)")
     sm.add_argument("--no-wait", action="store_true", help="return once submitted")
-    ex = sub.add_parser("export", help="export a run's latest checkpoint as a Hugging Face folder")
+    ex = sub.add_parser("export", help="export a run's latest checkpoint (local or s3://) as a Hugging Face folder")
     _job_args(ex)
-    gen = sub.add_parser("generate", help="sample a continuation from a run or export folder")
+    ex.add_argument("--out", help="folder or s3:// URI to write it to (default: the run folder's export/)")
+    gen = sub.add_parser("generate", help="sample a continuation from a run or export folder (local or s3://)")
     gen.add_argument("path")
     gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=80)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=_at_least(1, int), default=80)
+    gen.add_argument("--temperature", type=_at_least(0, float), default=0.8)
+    gen.add_argument("--seed", type=_at_least(0, int), default=0)
     return ap
 
 
+def _at_least(low: float, kind: type) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` >= low, else argparse's own usage error (exit status 2)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected {kind.__name__} >= {low}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected {kind.__name__} >= {low}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 2 for a mistake in the command or the job, 1 for a service (Ray, S3) that does not answer."""
+    # raypt never downloads a model: transformers only reads local folders, and must not try a hub for a name
+    os.environ["HF_HUB_OFFLINE"] = "1"
     args = parser().parse_args(argv)
     try:
         return run(args)
+    except (preflight.Unreachable, storage.StorageError) as e:  # Unreachable first: it is a ConfigError too
+        print(f"raypt: error: {e}", file=sys.stderr)
+        return 1
     except config.ConfigError as e:
         print(f"raypt: error: {e}", file=sys.stderr)
         return 2
@@ -69,10 +91,11 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
         return 0
     if args.command == "data":
-        from raypt.data.prepare import prepare
-
         cfg = config.load(args.job, args.overrides, check_data=False)
         os.environ.update(cfg.s3.env())  # this process reads and writes the job's storage
+        preflight.check_prepare(cfg)
+        from raypt.data.prepare import prepare
+
         for source in cfg.data.mix():
             manifest = prepare(source.path, source.prepare, cfg.data)
             rows = {k: v["rows"] for k, v in manifest["splits"].items()}
@@ -84,10 +107,15 @@ def run(args: argparse.Namespace) -> int:
                   f"{json.dumps(rows)}{note}")
         return 0
     if args.command == "train":
+        preflight.ray_cluster(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+        cfg = config.load(args.job, args.overrides)  # before the driver's imports (torch, Ray): mistakes fail fast
+        with storage.settings(cfg.s3.env()):
+            note = preflight.resume_note(cfg)
+        if note:
+            print(f"raypt: note: {note}", file=sys.stderr)
         from raypt.console import chatter_to
         from raypt.driver import TrainingFailed, local_dir, train
 
-        cfg = config.load(args.job, args.overrides)
         try:
             with chatter_to(os.path.join(local_dir(cfg), "driver.log"), args.verbose):
                 try:
@@ -114,52 +142,47 @@ def run(args: argparse.Namespace) -> int:
 
         return submit(args.job, args.overrides, args.address, follow=not args.no_wait)
     if args.command == "generate":
-        from raypt.export import generate
+        from raypt.generate import generate
 
+        preflight.reach("path", args.path)
         print(generate(args.path, args.prompt, args.max_new_tokens, args.temperature, seed=args.seed))
         return 0
     return 2
 
 
 def _export(args: argparse.Namespace) -> int:
-    from raypt.checkpoint import CheckpointError
-    from raypt.driver import local_dir, run_dir
-    from raypt.export import export
-
     cfg = config.load(args.job, args.overrides)
     os.environ.update(cfg.s3.env())
-    folder = run_dir(cfg)
-    if "://" in folder:
-        raise config.ConfigError(f"run.storage: export reads local runs only, got '{cfg.run.storage}'")
-    steps = sorted(d for d in os.listdir(folder) if d.startswith("step")) if os.path.isdir(folder) else []
-    for step in reversed(steps):
-        try:
-            out = export(os.path.join(folder, step), cfg, os.path.join(local_dir(cfg), "export"))
-        except CheckpointError:
-            continue
-        print(f"exported {step} to {out}")
-        return 0
-    raise config.ConfigError(f"run.name: run '{cfg.run.name}' has no checkpoint under {folder}")
+    out = config.absolute(args.out) if args.out else storage.join(cfg.run.storage, cfg.run.name, "export")
+    preflight.folder("--out", out)
+    from raypt.export import export_run
+
+    step, out = export_run(cfg, out)
+    print(f"exported {step} to {out}")
+    return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from raypt.console import chatter_to
     from raypt.tune.results import table
-    from raypt.tune.run import run_sweep
     from raypt.tune.sweep import SweepConfig, load_sweep
 
     if args.sweep == "show":
         if len(args.overrides) != 1:
             raise config.ConfigError("tune show: give one sweep folder, e.g. raypt tune show sweeps/lr")
-        from raypt import storage
-
+        preflight.reach("tune show", args.overrides[0])
         try:
             raw = storage.read_text(storage.join(args.overrides[0].rstrip("/"), "sweep.yaml"))
         except FileNotFoundError:
             raise config.ConfigError(f"tune show: '{args.overrides[0]}' holds no sweep (sweep.yaml missing)") from None
         print(table(SweepConfig.model_validate(yaml.safe_load(raw))))
         return 0
+    preflight.ray_cluster(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
     sweep, job = load_sweep(args.sweep, args.overrides)
+    with storage.settings(config.from_dict(job).s3.env()):
+        preflight.folder("storage", sweep.storage)
+    from raypt.console import chatter_to
+    from raypt.tune.run import run_sweep  # Ray Tune: after the checks, which then fail in a second
+
     with chatter_to(os.path.join(sweep.folder if "://" not in sweep.folder else "sweeps", "driver.log"),
                     args.verbose):
         folder = run_sweep(sweep, job)

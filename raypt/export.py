@@ -1,12 +1,10 @@
-"""Export a checkpoint through its task (Hugging Face folders for text and MAE) and sample from a text export."""
+"""Export a checkpoint through its task (Hugging Face folders for text and MAE), from a local or s3:// run."""
 from __future__ import annotations
 
-import os
+import tempfile
 
-import torch
-
-from raypt import checkpoint
-from raypt.config import JobConfig
+from raypt import checkpoint, storage
+from raypt.config import ConfigError, JobConfig
 from raypt.data.manifest import read_manifest
 from raypt.tasks import by_modality, get_task
 
@@ -21,22 +19,17 @@ def export(checkpoint_dir: str, cfg: JobConfig, out_dir: str) -> str:
     return out_dir
 
 
-def resolve_export(path: str) -> str:
-    """Accept a run folder or an export folder."""
-    inner = os.path.join(path, "export")
-    return inner if os.path.isfile(os.path.join(inner, "config.json")) else path
-
-
-def generate(path: str, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8, top_k: int = 40,
-             seed: int = 0) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = resolve_export(path)
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    torch.manual_seed(seed)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature or None, top_k=top_k, pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0], skip_special_tokens=True)
+def export_run(cfg: JobConfig, out: str) -> tuple[str, str]:
+    """Export the run's newest good checkpoint (local or s3://) to `out` (local or s3://); (its name, out)."""
+    folder = storage.join(cfg.run.storage, cfg.run.name)
+    for uri in reversed(checkpoint.list_checkpoints(folder)):
+        try:
+            checkpoint.read_state(uri)  # a torn checkpoint is skipped before it is downloaded
+            with checkpoint.local_copy(uri) as local, tempfile.TemporaryDirectory(prefix="raypt-export-") as tmp:
+                export(local, cfg, out if "://" not in out else tmp)
+                if "://" in out:
+                    storage.copy_tree(tmp, out)
+        except checkpoint.CheckpointError:
+            continue
+        return uri.rsplit("/", 1)[-1], out
+    raise ConfigError(f"run.name: run '{cfg.run.name}' has no committed checkpoint under {folder}")

@@ -9,13 +9,13 @@ from raypt.config.explain import explain
 from raypt.config.job import (CheckpointConfig, DeepSpeedConfig, FailureConfig, FaultsConfig, JobConfig, ModelConfig,
                               RunConfig, S3Config, ScalingConfig, ScheduleConfig, TrainConfig, WorkerRange,
                               trajectory_diff)
-from raypt.config.load import apply_override, check_data_path, from_dict, load, source_field, to_dict
+from raypt.config.load import apply_override, from_dict, load, to_dict
 from raypt.schema import ConfigError, Section, absolute
 
 __all__ = [
     "AudioConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "FailureConfig",
     "FaultsConfig", "ImageConfig", "JobConfig", "ModelConfig", "PrepareConfig", "RunConfig", "S3Config",
     "ScalingConfig", "ScheduleConfig", "Section", "SourceConfig", "StageConfig", "TrainConfig", "WorkerRange",
-    "absolute", "apply_override", "check_data_path", "explain", "from_dict", "load", "source_field", "to_dict",
+    "absolute", "apply_override", "explain", "from_dict", "load", "to_dict",
     "trajectory_diff",
 ]

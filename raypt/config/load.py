@@ -1,4 +1,4 @@
-"""YAML + dotted overrides -> a validated JobConfig, with errors a user can act on; and the data-path check."""
+"""YAML + dotted overrides -> a validated JobConfig, with errors a user can act on."""
 from __future__ import annotations
 
 import difflib
@@ -11,7 +11,6 @@ from pydantic import BaseModel, ValidationError
 from raypt.config.fields import is_section, members, tagged
 from raypt.config.job import JobConfig
 from raypt.schema import ConfigError
-from raypt.tasks import MODALITIES
 
 # pydantic's error types that only say the value was not of a union member's kind: noise beside a member's real
 # complaint (scaling.workers=0 is "not a mapping" for {min, max}, but what matters is "must be >= 1")
@@ -27,14 +26,26 @@ def apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like section.key=value (e.g. train.steps=200)")
     key, value = override.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
+    key = key.strip()
+    parts = key.split(".")
+    node: Any = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        slot = _slot(node, part, key)
+        child = node.setdefault(slot, {}) if isinstance(node, dict) else node[slot]
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"{key}: cannot set a sub-key of '{part}', which holds {child!r}")
         node = child
-    node[parts[-1]] = _parse_value(value)
+    node[_slot(node, parts[-1], key)] = _parse_value(value)
+
+
+def _slot(node: Union[dict, list], part: str, key: str) -> Union[str, int]:
+    """Where `part` of a dotted key goes: a mapping's key, or the index of an item already in a list
+    (data.sources.0.path=...; a whole list is set as one value, data.sources=[...])."""
+    if isinstance(node, dict):
+        return part
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{key}: '{part}' is not an index of that list, which has {len(node)} items")
+    return int(part)
 
 
 class Choice(NamedTuple):
@@ -147,50 +158,14 @@ def read_mapping(path: Union[str, Path], what: str = "job file") -> dict:
 
 def load(path: Union[str, Path, None], overrides: Optional[list[str]] = None, check_data: bool = True) -> JobConfig:
     """The job of a YAML file (or defaults alone, for None) with dotted overrides applied; local paths come out
-    absolute. With check_data, every source must be a prepared dataset the task takes."""
+    absolute. With check_data, what a run reads must answer and hold what it should (preflight.check_run)."""
     raw = read_mapping(path) if path is not None else {}
     for o in overrides or []:
         apply_override(raw, o)
     cfg = from_dict(raw)
     if check_data:
-        from raypt import storage
+        from raypt import preflight, storage
 
         with storage.settings(cfg.s3.env()):  # the job's own S3 settings, without keeping them in os.environ
-            check_data_path(cfg)
+            preflight.check_run(cfg)
     return cfg
-
-
-def source_field(cfg: JobConfig, i: int) -> str:
-    return f"data.sources.{i}.path" if cfg.data.sources else "data.path"
-
-
-def check_data_path(cfg: JobConfig) -> list[dict]:
-    """Every source is prepared, readable and fits the task; returns the manifests, in mix order."""
-    from raypt import storage
-    from raypt.data.manifest import modality, read_manifest
-
-    manifests = []
-    for i, source in enumerate(cfg.data.mix()):
-        try:
-            manifests.append(read_manifest(source.path))
-        except FileNotFoundError:
-            raise ConfigError(f"{source_field(cfg, i)}: '{source.path}' holds no prepared dataset (manifest.json "
-                              f"missing); create it with `raypt data prepare JOB`") from None
-        except storage.StorageError as e:
-            raise ConfigError(f"{source_field(cfg, i)}: {e}") from None
-    takes = MODALITIES[cfg.model.task]
-    for i, m in enumerate(manifests):
-        if modality(m) not in takes:
-            raise ConfigError(f"{source_field(cfg, i)}: holds {modality(m)} data, which model.task "
-                              f"'{cfg.model.task}' does not take (it takes {', '.join(takes)})")
-        if modality(m) == "text" and m["seq_len"] < 2:
-            raise ConfigError(f"{source_field(cfg, i)}: '{m['root']}' has seq_len {m['seq_len']}; need >= 2")
-    lengths = {m["seq_len"] for m in manifests if modality(m) == "text"}
-    if len(lengths) > 1:
-        raise ConfigError(f"data.sources: the text sources pack sequences of different lengths {sorted(lengths)}; "
-                          f"prepare them with one data.sources.N.prepare.seq_len")
-    vocabularies = {m["tokenizer_sha256"] for m in manifests if modality(m) == "text" and "tokenizer_sha256" in m}
-    if len(vocabularies) > 1:
-        raise ConfigError("data.sources: the text sources were tokenized with different tokenizers; prepare them "
-                          "with data.sources.N.prepare.tokenizer set to one of them")
-    return manifests
