@@ -1,11 +1,14 @@
 """The gloo tier: the ZeRO engine strategy and checkpoints across stages and world sizes, without Ray.
 
 One group of 2 ranks trains each ZeRO stage and saves at step 2 (with a hook's tensors and dict); groups of 1, 3
-and 4 ranks resume each checkpoint under another stage and must continue as the uninterrupted run did.
+and 4 ranks resume each checkpoint under another stage and must continue as the uninterrupted run did (among
+them ZeRO-3 resumed as ZeRO-1 on 3 ranks and ZeRO-0 as ZeRO-3 on 4). Checksums: a run's newest checkpoint,
+damaged in ways only its CRC-32s or headers reveal, is skipped by every rank for the previous one.
 """
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -79,7 +82,7 @@ def test_zero_stages_train_alike(saved):
         assert max(abs(a - b) for a, b in zip(reference, losses[str(stage)])) <= 1e-5, stage
 
 
-@pytest.mark.parametrize("world,shift", [(1, 1), (3, 2), (4, 3)])
+@pytest.mark.parametrize("world,shift", [(1, 1), (3, 2), pytest.param(4, 3, marks=pytest.mark.slow)])
 def test_checkpoint_resumes_at_another_world_size_and_stage_with_hook_state(saved, world, shift):
     out, losses = saved
     got = run_group(world, resume_every_stage, out, shift=shift)
@@ -159,3 +162,117 @@ def test_bf16_masters_restore_bit_for_bit(tmp_path):
     for rank in run_group(2, bf16_round_trip, str(tmp_path)):
         for stage, got in rank.items():
             assert got == {"masters": 0.0, "working": 0.0, "dtype": "torch.bfloat16"}, (stage, got)
+
+
+# --- checksummed checkpoints ------------------------------------------------------------------------------------
+def flip_byte(path: str) -> None:
+    """One byte in the middle of the file (tensor data) inverted; the size stays, so only a checksum tells."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def cut_header(path: str) -> None:
+    """The safetensors header cut short mid-JSON, the rest of it zeroed: same size, no longer parses."""
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        f.seek(8 + length // 2)
+        f.write(bytes(length - length // 2))
+
+
+# run folder -> (file of its step-4 checkpoint, damage)
+DAMAGES = {"intact": (None, None), "flipped": ("state-00001-of-00002.safetensors", flip_byte),
+           "header": ("state-00000-of-00002.safetensors", cut_header)}
+
+
+def save_two_checkpoints(rank: int, world: int, out_dir: str) -> list[float]:
+    """A ZeRO-1 run that commits checkpoints at steps 2 and 4 into a run folder and trains on to step 6."""
+    from raypt.checkpoint import TrainState, save_checkpoint
+
+    cfg = job(1, steps=6)
+    task, engine = build(cfg, world, rank)
+    losses = []
+    for step in (2, 4):
+        losses += train(task, engine, range(step - 1, step + 1))
+        folder = os.path.join(out_dir, "run", f"step{step:06d}")
+        save_checkpoint(engine, folder, TrainState(step=step, world_size=world), {}, cfg.model_dump(mode="json"),
+                        cfg.trajectory())
+    return losses + train(task, engine, range(5, 7))
+
+
+def resume_newest_verified(rank: int, world: int, out_dir: str) -> dict:
+    """Each run folder restored as the worker loop restores: the newest checkpoint every rank verifies."""
+    from raypt.checkpoint import newest_verified
+
+    out = {}
+    for run in DAMAGES:
+        said: list[str] = []
+        with newest_verified(os.path.join(out_dir, run), None, rank, said.append) as reader:
+            task, engine = build(job(1), world, rank, reader)
+            step = reader.state.step
+        out[run] = {"step": step, "said": said, "losses": train(task, engine, range(step + 1, 7))}
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> tuple[str, list[float]]:
+    out = str(tmp_path_factory.mktemp("gloo-crc"))
+    losses = run_group(2, save_two_checkpoints, out)[0]
+    for run, (name, damage) in DAMAGES.items():
+        shutil.copytree(os.path.join(out, "run"), os.path.join(out, run))
+        if damage:
+            damage(os.path.join(out, run, "step000004", name))
+    return out, losses
+
+
+def test_damaged_newest_checkpoint_falls_back_on_every_rank(two_checkpoints):
+    out, uninterrupted = two_checkpoints
+    got = run_group(2, resume_newest_verified, out)
+    for run, (name, _) in DAMAGES.items():
+        step = 4 if name is None else 2
+        for rank in got:
+            assert rank[run]["step"] == step, run  # both ranks, together
+            assert rank[run]["losses"] == uninterrupted[step:], run
+            if name is None:
+                assert rank[run]["said"] == []
+            else:
+                [line] = rank[run]["said"]
+                assert f"{run}/step000004/{name}" in line and "falling back" in line, line
+
+
+def test_reader_names_the_file_whose_checksum_differs(two_checkpoints):
+    out, _ = two_checkpoints
+    from raypt.checkpoint import CheckpointError, Reader
+
+    Reader(os.path.join(out, "intact", "step000004")).verify(1)
+    with pytest.raises(CheckpointError, match=r"state-00001-of-00002\.safetensors has CRC-32 \w+, committed as"):
+        Reader(os.path.join(out, "flipped", "step000004")).verify(0)
+
+
+def test_format_1_checkpoint_with_an_unreadable_header_falls_back(tmp_path):
+    """Format 1 has no checksums; a shard whose header does not parse is still skipped for the previous one."""
+    from raypt.checkpoint import newest_verified
+
+    for step in ("step000003", "step000005"):
+        shutil.copytree(FIXTURE, tmp_path / step)
+    cut_header(str(tmp_path / "step000005" / "state-00001-of-00002.safetensors"))
+    said: list[str] = []
+    with newest_verified(str(tmp_path), None, 0, said.append) as reader:
+        assert reader.directory == str(tmp_path / "step000003") and reader.format == 1
+        assert set(reader.tensors("param")) == set(Reader_keys())
+    [line] = said
+    assert "step000005/state-00001-of-00002.safetensors is unreadable" in line
+
+
+def test_resume_from_that_does_not_verify_is_refused(tmp_path):
+    """A fork from a damaged checkpoint must fail, not start fresh."""
+    from raypt.checkpoint import CheckpointError, newest_verified
+
+    shutil.copytree(FIXTURE, tmp_path / "source")
+    cut_header(str(tmp_path / "source" / "state-00000-of-00002.safetensors"))
+    with pytest.raises(CheckpointError,
+                       match=r"run\.resume_from=.*source/state-00000-of-00002\.safetensors is unreadable"):
+        with newest_verified(str(tmp_path / "run"), str(tmp_path / "source"), 0, print):
+            pass

@@ -6,17 +6,22 @@ hook keeps; plus each hook's JSON state, the resolved job config and the setting
 Format 1 (before the index) listed only file sizes; such checkpoints still load: their tensors are found by
 reading the shards' own headers. Rank 0 writes the index after every rank has written its shard, so a
 checkpoint without one was never committed.
+
+Trust comes in two steps: `read_state` checks that every listed file is there at its committed size (cheap, one
+listing); `Reader.verify` checks the bytes of the files one rank reads against their CRC-32s (format 1, which
+has none: that they parse).
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from raypt import storage
 
@@ -25,7 +30,8 @@ FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be trusted: missing files or sizes that differ from the committed list."""
+    """A checkpoint that cannot be trusted: missing or unreadable files, sizes or checksums that differ from the
+    committed ones."""
 
 
 @dataclass
@@ -40,6 +46,16 @@ class TrainState:
 def file_size(entry) -> int:
     """Format 1 stored a bare size, format 2 a dict."""
     return entry if isinstance(entry, int) else entry["size"]
+
+
+def file_crc32(path: str) -> int:
+    """CRC-32 of a file's bytes, read in chunks into one buffer (zlib's runs at GB/s: cheap beside the read)."""
+    crc, buffer = 0, bytearray(1 << 24)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
 
 
 def read_state(uri: str) -> tuple[TrainState, dict]:
@@ -62,10 +78,11 @@ def read_state(uri: str) -> tuple[TrainState, dict]:
 
 
 class Reader:
-    """A committed checkpoint in a local folder, read by tensor name whatever the world size that wrote it."""
+    """A committed checkpoint in a local folder, read by tensor name whatever the world size that wrote it.
+    `origin`: where the folder was copied from, to name files in errors (the folder itself by default)."""
 
-    def __init__(self, directory: str):
-        self.directory = directory
+    def __init__(self, directory: str, origin: Optional[str] = None):
+        self.directory, self.origin = directory, origin or directory
         self.state, self.body = read_state(directory)
         self.format = self.body.get("format", 1)
         self.where = {k: v["file"] for k, v in self.body["tensors"].items()} if self.format >= 2 else self._scan()
@@ -74,9 +91,39 @@ class Reader:
         """Format 1: each tensor's file, from the safetensors headers."""
         where = {}
         for shard in sorted(glob.glob(os.path.join(self.directory, "state-*.safetensors"))):
-            with safe_open(shard, "pt") as f:
-                where.update({key: os.path.basename(shard) for key in f.keys()})
+            where.update({key: os.path.basename(shard) for key in self._keys(os.path.basename(shard))})
         return where
+
+    def _keys(self, name: str) -> list[str]:
+        """The tensor names in a safetensors file's header; an unreadable header is a CheckpointError."""
+        try:
+            with safe_open(os.path.join(self.directory, name), "pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.origin}/{name} is unreadable: {e}") from None
+
+    def files_read_by(self, rank: int) -> list[str]:
+        """The files rank `rank` opens to restore: every shard holding tensors (each rank reads every tensor in
+        full today; an engine that reads only its slice would name fewer). Randomness is not restored: it follows
+        (seed, rank, step) and each sample's place in the data."""
+        return sorted(set(self.where.values()))
+
+    def verify(self, rank: int) -> None:
+        """Check the bytes of the files rank `rank` reads against their committed CRC-32, so no rank reads more
+        than it restores from; format 1 committed no CRCs, so its files need only parse. Raises CheckpointError
+        naming the file."""
+        for name in self.files_read_by(rank):
+            entry = self.body["files"][name]
+            if not isinstance(entry, dict):
+                self._keys(name)
+                continue
+            try:
+                crc = file_crc32(os.path.join(self.directory, name))
+            except OSError as e:
+                raise CheckpointError(f"{self.origin}/{name} is unreadable: {e}") from None
+            if crc != entry["crc32"]:
+                raise CheckpointError(f"{self.origin}/{name} has CRC-32 {crc:08x}, committed as "
+                                      f"{entry['crc32']:08x}: its bytes changed after it was written")
 
     @property
     def optimizer_steps(self) -> int:

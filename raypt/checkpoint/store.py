@@ -84,10 +84,8 @@ class Uploader:
         uri = storage.join(self.run_uri, f"step{step:06d}")
         fs, path = storage.resolve(uri)
         fs.create_dir(path, recursive=True)
-        local_fs = pafs.LocalFileSystem()
         for name in sorted(os.listdir(local), key=lambda n: n == STATE):  # the state file lands last
-            pafs.copy_files(os.path.join(local, name), f"{path}/{name}", source_filesystem=local_fs,
-                            destination_filesystem=fs)
+            storage.copy_tree(os.path.join(local, name), storage.join(uri, name))
         shutil.rmtree(local, ignore_errors=True)
         self.committed = uri
         if self.prunes:
@@ -102,5 +100,5 @@ def local_copy(uri: str) -> Iterator[str]:
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="raypt-restore-") as tmp:
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        storage.copy_tree(uri, tmp)
         yield tmp

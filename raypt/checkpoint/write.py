@@ -46,12 +46,8 @@ def save_checkpoint(engine: Any, directory: str, state: TrainState, hooks: HookS
         if j % world == rank:
             mine[key] = tensor.detach().cpu().contiguous()
     files, tensors = _write(directory, f"state-{rank:05d}-of-{world:05d}.safetensors", mine)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    more, _ = _write(directory, f"rng-{rank:05d}.safetensors", rng)
     every: list = [None] * world
-    dist.all_gather_object(every, ({**files, **more}, tensors))
+    dist.all_gather_object(every, (files, tensors))
     if rank == 0:
         body = {"format": FORMAT, **asdict(state), "optimizer_step": engine.optimizer_steps(),
                 "files": {k: v for part, _ in every for k, v in part.items()},
@@ -59,14 +55,3 @@ def save_checkpoint(engine: Any, directory: str, state: TrainState, hooks: HookS
                 "hooks": {h: hooks[h][1] for h in sorted(hooks)}, "trajectory": trajectory, "config": config}
         with open(os.path.join(directory, STATE), "w") as f:
             json.dump(body, f, indent=1)
-
-
-def restore_rng(directory: str, rank: int) -> None:
-    from safetensors.torch import load_file
-
-    path = os.path.join(directory, f"rng-{rank:05d}.safetensors")
-    if os.path.isfile(path):
-        rng = load_file(path)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])

@@ -1,0 +1,57 @@
+"""Choosing the checkpoint a run restores from: the newest one that every rank verifies.
+
+Each rank checks only the files it reads (`Reader.verify`); then the ranks exchange their outcomes, so all of them
+restore the same checkpoint or all fall back to the previous one together. A rank cannot decide alone: the engine
+build that follows is collective, and one rank falling back would leave the others waiting in it.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch.distributed as dist
+
+from raypt.checkpoint.index import CheckpointError, Reader, read_state
+from raypt.checkpoint.store import list_checkpoints, local_copy
+
+
+def _every_rank(value: Any) -> list:
+    """`value` of every rank, in rank order (this process's alone outside a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, value)
+    return every
+
+
+def _check(uri: str, rank: int, stack: ExitStack) -> tuple[Optional[Reader], Optional[str]]:
+    """(reader, None) when this rank's files of `uri` verify, else (None, why)."""
+    try:
+        read_state(uri)  # sizes first: a torn checkpoint is not downloaded
+        reader = Reader(stack.enter_context(local_copy(uri)), origin=uri)
+        reader.verify(rank)
+        return reader, None
+    except CheckpointError as e:
+        return None, str(e)
+
+
+@contextmanager
+def newest_verified(run_uri: str, resume_from: Optional[str], rank: int,
+                    log: Callable[[str], None] = print) -> Iterator[Optional[Reader]]:
+    """Collective. A Reader, valid inside the block, of the newest checkpoint of the run that every rank verifies,
+    else of `resume_from`, else None (a fresh start). Each checkpoint skipped is logged with the reasons, which
+    name the file; a `resume_from` that does not verify is an error, not a silent fresh start."""
+    # rank 0's listing: every rank must walk the same candidates, one collective each
+    own = _every_rank(list(reversed(list_checkpoints(run_uri))))[0]
+    for uri in own + ([resume_from] if resume_from else []):
+        with ExitStack() as stack:
+            reader, error = _check(uri, rank, stack)
+            errors = list(dict.fromkeys(e for e in _every_rank(error) if e))  # most often one file, seen by all
+            if not errors:
+                yield reader
+                return
+        why = "; ".join(errors)
+        if uri == resume_from and uri not in own:
+            raise CheckpointError(f"run.resume_from={uri} does not verify: {why}")
+        log(f"{why}; falling back to the previous checkpoint")  # each reason names the checkpoint and its file
+    yield None
