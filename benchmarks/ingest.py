@@ -37,12 +37,13 @@ def loader_rate(cfg, path: str, batches: int) -> tuple[float, float]:
     """(samples/s, MB/s) of one stream delivering whole global batches, as fast as it can."""
     from raypt.data.manifest import read_manifest
     from raypt.data.mix import MixPlan
+    from raypt.data.split import Split
     from raypt.data.stream import RankStream
 
     manifest = read_manifest(path)
     plan = MixPlan([(0, np.array([1.0]))], cfg.train.global_batch, np.array([1]))
-    stream = RankStream([manifest], plan, "train", 0, True, 1, 0, cfg.train.global_batch,
-                        cfg.data.prefetch_batches, cfg.data.image, cfg.data.audio)
+    stream = RankStream([manifest], plan, "train", 0, True, Split(cfg.train.global_batch, 1, cfg.train.global_batch),
+                        0, cfg.data.prefetch_batches, cfg.data.image, cfg.data.audio)
     per_sample = sum(f["bytes"] for f in manifest["splits"]["train"]["files"]) / manifest["splits"]["train"]["rows"]
     it = stream.batches(0, batches + 2)
     next(it), next(it)  # start-up (task processes, first reads) is not throughput

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -56,7 +57,8 @@ def run_dir(cfg: JobConfig) -> str:
 
 
 def local_dir(cfg: JobConfig) -> str:
-    """Where metrics, TensorBoard, summary and export are written; mirrored to object storage at the end."""
+    """Where metrics, TensorBoard, summary and export are written; for a run on object storage, metrics and tracker
+    files are mirrored there at every checkpoint (see Sink), and the whole folder at the end."""
     folder = run_dir(cfg)
     return folder if "://" not in folder else os.path.abspath(os.path.join("runs", cfg.run.name))
 
@@ -83,7 +85,8 @@ def check_resumable(cfg: JobConfig) -> Optional[str]:
         raise ConfigError(
             f"run.name: run folder {run_dir(cfg)} holds checkpoints of another job ({name} differs in "
             f"{', '.join(changed)}); to fork from it, give the run a new name and set "
-            f"run.resume_from={latest}; to resume it, run it with its own settings ({storage.join(run_dir(cfg), CONFIG_FILE)})")
+            f"run.resume_from={latest}; to resume it, run it with its own settings "
+            f"({storage.join(run_dir(cfg), CONFIG_FILE)})")
     return latest
 
 
@@ -105,8 +108,10 @@ def start(cfg: JobConfig, sink: bool = True) -> Optional[Any]:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     # Trackers read their settings and credentials from the environment of this process, never from the job.
     env = {k: v for k, v in os.environ.items() if k.startswith(TRACKER_ENV)}
+    remote = run_dir(cfg) if local_dir(cfg) != run_dir(cfg) else None
     actor = MetricsSink.options(scheduling_strategy=here, runtime_env={"env_vars": env} if env else None).remote(
-        local_dir(cfg), trackers=cfg.run.trackers, run_name=cfg.run.name, group=cfg.run.group, config=to_dict(cfg))
+        local_dir(cfg), trackers=cfg.run.trackers, run_name=cfg.run.name, group=cfg.run.group, config=to_dict(cfg),
+        remote=remote)
     ray.get(actor.poll.remote())  # a tracker that cannot start (no server, no credentials) fails here, not mid-run
     return actor
 
@@ -128,7 +133,8 @@ def build(cfg: JobConfig, sink: Optional[Any] = None, callbacks: Optional[list] 
     return TorchTrainer(
         train_loop,
         train_loop_config={"job": to_dict(cfg), "sink": sink, "hooks": list(hooks)},
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        # A collective waits at most as long as a step may take (the step watchdog's limit, raypt/hooks/watchdog.py).
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=math.ceil(f.step_timeout_s)),
         scaling_config=ScalingConfig(num_workers=w if isinstance(w, int) else (w.min, w.max), use_gpu=gpu,
                                      resources_per_worker=resources, **elastic),
         run_config=RunConfig(name=cfg.run.name, storage_path=base, storage_filesystem=fs, callbacks=callbacks,
@@ -206,10 +212,7 @@ def finish(cfg: JobConfig, error: Optional[Exception], wall_s: float, export: bo
     with open(os.path.join(local, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if local != folder:
-        import pyarrow.fs as pafs
-
-        fs, path = storage.resolve(folder)
-        pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        storage.copy_tree(local, folder)
     return folder
 
 

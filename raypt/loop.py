@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import ray.train
@@ -15,6 +14,7 @@ from raypt.config import JobConfig, from_dict
 from raypt.console import quiet_known_noise
 from raypt.data.manifest import bad_records, modality, read_manifest
 from raypt.data.mix import plans
+from raypt.data.split import Split
 from raypt.data.stream import RankStream, Timed
 from raypt.engines import Topology, select
 from raypt.engines.device import accelerator, keep_host_memory
@@ -48,16 +48,12 @@ class Worker:
         self.restore(model)
 
     def restore(self, model: torch.nn.Module) -> None:
-        """Build the engine from the newest good checkpoint of this run, else `run.resume_from`, else fresh."""
+        """Build the engine from this run's newest checkpoint every rank verifies, else run.resume_from, else fresh."""
         say = self.note if self.rank == 0 else (lambda message: None)
-        resumed = checkpoint.latest_good(self.run_uri, say) or self.cfg.run.resume_from
-        with checkpoint.local_copy(resumed) if resumed else nullcontext() as directory:
-            reader = checkpoint.Reader(directory) if directory else None
+        with checkpoint.newest_verified(self.run_uri, self.cfg.run.resume_from, self.rank, say) as reader:
             topology = Topology.data_parallel(self.world, self.rank)
             self.engine = select(self.cfg).build(model, self.cfg, topology, reader)
             self.state = reader.state if reader else checkpoint.TrainState()
-            if reader:
-                checkpoint.restore_rng(directory, self.rank)  # after the build, whose init draws numbers
             self.reduce = Reducer([*CORE, *self.task.metrics, *self.engine.metrics, *self.hooks.metrics])
             self.hooks.start(self, reader)  # before the state takes this run's world size: hooks may say both
             self.state.world_size, self.state.config_digest = self.world, self.cfg.digest()
@@ -75,11 +71,13 @@ class Worker:
     def stream(self, split: str, first_batch: int, num_batches: int, shuffle: bool):
         c, e = self.cfg, self.engine
         return RankStream(self.manifests, self.plan if split == "train" else self.val_plan, split, c.run.seed,
-                          shuffle, e.dp_size, e.dp_rank, c.train.micro_batch, c.data.prefetch_batches, c.data.image,
-                          c.data.audio).batches(first_batch, num_batches)
+                          shuffle, Split(c.train.global_batch, e.dp_size, c.train.micro_batch), e.dp_rank,
+                          c.data.prefetch_batches, c.data.image, c.data.audio).batches(first_batch, num_batches)
 
     def evaluate(self, val: list[dict]) -> dict:
-        total = sum(self.engine.eval_step(b, self.task.loss)[0].item() for b in val) / len(val)
+        """The mean over every validation sample: micro-batches weighted by their rows, as in training."""
+        total = sum(b["weight"] * self.engine.eval_step({k: v for k, v in b.items() if k != "weight"},
+                                                        self.task.loss)[0].item() for b in val) / len(val)
         return self.reduce({"val_loss": total}, self.engine.device)
 
     def step(self, step: int, train: Timed, total_tokens: int, peak: float) -> dict:
@@ -87,6 +85,9 @@ class Worker:
         c, plan = self.cfg, self.plan
         lr = c.train.schedule.value(plan.tokens_before(step), total_tokens, c.train.lr)
         self.engine.set_lr(lr)
+        # Randomness that is not a sample's own (dropout, say) comes from (seed, rank, step): a resumed run, or a
+        # rank that did not exist when the checkpoint was written, derives it the same way.
+        torch.manual_seed(int(np.random.SeedSequence([c.run.seed, self.rank, step]).generate_state(1)[0]))
         self.hooks.fire("before_step", self, step)
         t0 = time.perf_counter()
         train.reset()
@@ -97,11 +98,10 @@ class Worker:
         s = self.state
         s.step, s.tokens_seen, s.samples_seen = step, plan.tokens_before(step), step * c.train.global_batch
         step_flops = float(plan.counts[plan.stage(step - 1)] @ self.flops)
-        record = {"step": step, **reduced, "lr": lr, "tokens_seen": s.tokens_seen, "samples_seen": s.samples_seen,
-                  "tokens_per_s": (s.tokens_seen - plan.tokens_before(step - 1)) / seconds,
-                  "mfu": step_flops / seconds / peak, "step_time_s": seconds, "world_size": self.world,
-                  "time": time.time()}
-        return record
+        return {"step": step, **reduced, "lr": lr, "tokens_seen": s.tokens_seen, "samples_seen": s.samples_seen,
+                "tokens_per_s": (s.tokens_seen - plan.tokens_before(step - 1)) / seconds,
+                "mfu": step_flops / seconds / peak, "step_time_s": seconds, "world_size": self.world,
+                "time": time.time()}
 
     def save(self, step: int, record: dict) -> None:
         """Write this rank's part, let hooks make what it covers durable, then upload in the background.
@@ -117,7 +117,8 @@ class Worker:
 
     def run(self) -> None:
         c, steps, start = self.cfg, self.cfg.train.steps, self.state.step
-        if start >= steps:
+        if start >= steps:  # nothing to train; `end` still settles what it settles (the watchdog)
+            self.hooks.fire("end", self)
             return
         val = list(self.stream("val", 0, c.train.eval_batches, shuffle=False))
         if start == 0:

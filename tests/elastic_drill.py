@@ -1,10 +1,13 @@
 """Elastic drill on a real 2-node local Ray cluster (run by test_elastic.py in its own process).
 
-Starts an elastic run (workers 1..2) across two nodes, removes the second node, waits until the run goes on with
-one worker, adds a node back, waits until the run grows to two workers again, then prints the world sizes seen.
+Starts an elastic run (workers 1..3, fractional CPUs: two fit the head node, one the second node) on a global
+batch of 16, which 3 workers split unequally. It removes the second node (the run goes on with 2 workers), adds a
+node back (the run grows to 3), drains that node as a cloud would before reclaiming it (the run checkpoints at
+once), then removes it; it prints the world sizes seen and the step the drain checkpoint was taken at.
+`reference` runs the same job on one worker for a given number of steps, the losses the elastic run must match.
 With `autoscale` first, it instead runs on Ray's fake autoscaling cluster: the run starts at min workers on the
 head node and grows to max once the autoscaler adds a node for the pending worker.
-Usage: python elastic_drill.py [autoscale] DATA_PATH STORAGE
+Usage: python elastic_drill.py [autoscale|reference STEPS] DATA_PATH STORAGE
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import threading
 import time
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-NODE = {"num_cpus": 2}  # one worker (1.5 CPUs) + Ray Data read tasks
+HEAD, NODE = {"num_cpus": 3}, {"num_cpus": 2}  # 2 and 1 workers of 1.2 CPUs, the rest for Ray Data read tasks
+CHECKPOINT_EVERY, DRAIN_CHECK_EVERY = 10, 3
 
 
 def world_sizes(path: str) -> list[tuple[int, int]]:
@@ -26,27 +30,46 @@ def world_sizes(path: str) -> list[tuple[int, int]]:
         return [(r["step"], r["world_size"]) for r in map(json.loads, f) if "world_size" in r]
 
 
-def wait_for(condition, what: str, timeout: float = 240.0) -> None:
+def wait_for(condition, what: str, timeout: float = 240.0, metrics: str = "") -> None:
     deadline = time.time() + timeout
     while not condition():
         if time.time() > deadline:
-            raise TimeoutError(f"elastic drill: timed out waiting for {what}")
+            seen = ""
+            if metrics and os.path.exists(metrics):
+                with open(metrics) as f:
+                    seen = [{k: r[k] for k in ("step", "world_size", "resumed_from", "checkpoint_s", "node_drain")
+                             if k in r} for r in map(json.loads, f)][-30:]
+            raise TimeoutError(f"elastic drill: timed out waiting for {what}; last records: {seen}")
         time.sleep(0.5)
 
 
-def start_endless_run(data: str, storage: str, resize_interval_s: int = 5) -> str:
-    """An elastic run (1..2 workers) that never ends by itself; returns its metrics file."""
+def job(data: str, storage: str, name: str, steps: int, workers: str, resize_interval_s: int):
     from raypt import config
+
+    return config.load(None, [
+        f"data.path={data}", f"run.storage={storage}", f"run.name={name}", "model.hidden_size=64",
+        "model.num_layers=2", "model.num_heads=2", f"train.steps={steps}", "train.global_batch=16",
+        "train.micro_batch=2", "train.lr=1e-3", "train.schedule={name: constant, warmup: 0}",
+        "train.eval_every=100000", f"checkpoint.every={CHECKPOINT_EVERY}", "failure.max_failures=5",
+        f"failure.preemption_check_every={DRAIN_CHECK_EVERY}", f"scaling.workers={workers}",
+        f"scaling.resize_interval_s={resize_interval_s}", "scaling.cpus_per_worker=1.2"])
+
+
+def start_endless_run(data: str, storage: str, resize_interval_s: int = 5, workers: str = "{min: 1, max: 3}") -> str:
+    """An elastic run that never ends by itself (a constant LR: its steps match a finite run's); returns its
+    metrics file."""
     from raypt.driver import train
 
-    cfg = config.load(None, [
-        f"data.path={data}", f"run.storage={storage}", "run.name=elastic", "model.hidden_size=64",
-        "model.num_layers=2", "model.num_heads=2", "train.steps=100000", "train.global_batch=8",
-        "train.micro_batch=2", "train.eval_every=100000", "checkpoint.every=20", "failure.max_failures=5",
-        "scaling.workers={min: 1, max: 2}", f"scaling.resize_interval_s={resize_interval_s}",
-        "scaling.cpus_per_worker=1.5"])
+    cfg = job(data, storage, "elastic", 100000, workers, resize_interval_s)
     threading.Thread(target=lambda: train(cfg), daemon=True).start()
     return os.path.join(storage, "elastic", "metrics.jsonl")
+
+
+def reference(steps: str, data: str, storage: str) -> None:
+    """The same job on one worker, uninterrupted, on the embedded cluster."""
+    from raypt.driver import train
+
+    train(job(data, storage, "reference", int(steps), "1", 60))
 
 
 FAKE_PROVIDER_CONFIG = {  # Ray's fake_multinode example config, which the Ray wheel does not ship
@@ -75,7 +98,7 @@ def autoscale(data: str, storage: str) -> None:
         ray.init("auto")
         # The autoscaler adds the node within seconds; a slower resize check lets the 1-worker group start up and
         # pass a checkpoint first (start-up alone took over 40 s on a busy 2-core machine).
-        metrics = start_endless_run(data, storage, resize_interval_s=90)
+        metrics = start_endless_run(data, storage, resize_interval_s=90, workers="{min: 1, max: 2}")
         wait_for(lambda: any(ws == 1 for _, ws in world_sizes(metrics)), "the run to start at min workers")
         wait_for(lambda: any(ws == 2 for _, ws in world_sizes(metrics)), "the autoscaler to add a node")
         print("WORLD_SIZES " + json.dumps(world_sizes(metrics)), flush=True)
@@ -85,23 +108,43 @@ def autoscale(data: str, storage: str) -> None:
     os._exit(0)
 
 
+def drain_checkpoints(path: str) -> list[int]:
+    with open(path) as f:
+        return [r["step"] for r in map(json.loads, f) if r.get("node_drain")]
+
+
 def main(data: str, storage: str) -> None:
+    import subprocess
+
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=NODE)
+    cluster = Cluster(initialize_head=True, head_node_args=HEAD)
     second = cluster.add_node(**NODE)
     ray.init(address=cluster.address)
     metrics = start_endless_run(data, storage)
-    wait_for(lambda: any(ws == 2 and s >= 25 for s, ws in world_sizes(metrics)), "2 workers past a checkpoint")
+    last = lambda: max(s for s, _ in world_sizes(metrics))  # noqa: E731
+    wait_for(lambda: any(ws == 3 and s > CHECKPOINT_EVERY for s, ws in world_sizes(metrics)),
+             "3 workers past a checkpoint", metrics=metrics)
     cluster.remove_node(second)
-    removed_at = max(s for s, _ in world_sizes(metrics))
-    wait_for(lambda: sum(ws == 1 and s > removed_at for s, ws in world_sizes(metrics)) >= 25,
-             "the run to go on with 1 worker")
-    cluster.add_node(**NODE)
-    shrunk_at = max(s for s, _ in world_sizes(metrics))
-    wait_for(lambda: any(ws == 2 and s > shrunk_at for s, ws in world_sizes(metrics)), "the run to grow back to 2")
+    removed_at = last()
+    wait_for(lambda: sum(ws == 2 and s > removed_at for s, ws in world_sizes(metrics)) >= 5,
+             "the run to go on with 2 workers", metrics=metrics)
+    third = cluster.add_node(**NODE)
+    shrunk_at = last()
+    wait_for(lambda: any(ws == 3 and s > shrunk_at for s, ws in world_sizes(metrics)), "the run to grow back to 3",
+             metrics=metrics)
+    drained_at = last()
+    subprocess.run(["ray", "drain-node", f"--address={cluster.address}", f"--node-id={third.node_id}",
+                    "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=elastic drill",
+                    "--deadline-remaining-seconds=120"], check=True, capture_output=True)
+    wait_for(lambda: drain_checkpoints(metrics), "the drain's checkpoint", metrics=metrics)
+    drain_checkpoint = drain_checkpoints(metrics)[0]
+    cluster.remove_node(third)
+    wait_for(lambda: sum(ws == 2 and s > drain_checkpoint for s, ws in world_sizes(metrics)) >= 3,
+             "the run to go on with 2 workers after the drain", metrics=metrics)
     print("WORLD_SIZES " + json.dumps(world_sizes(metrics)), flush=True)
+    print("DRAIN " + json.dumps({"noticed_after": drained_at, "checkpoint": drain_checkpoint}), flush=True)
     ray.shutdown()
     cluster.shutdown()
     marker = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")  # else later ray.init() joins it
@@ -111,4 +154,6 @@ def main(data: str, storage: str) -> None:
 
 
 if __name__ == "__main__":
-    autoscale(*sys.argv[2:]) if sys.argv[1] == "autoscale" else main(*sys.argv[1:])
+    what = sys.argv[1]
+    autoscale(*sys.argv[2:]) if what == "autoscale" else reference(*sys.argv[2:]) if what == "reference" \
+        else main(*sys.argv[1:])

@@ -33,10 +33,14 @@ def global_batch(step: int) -> torch.Tensor:
 
 
 def rank_batches(step: int, dp_size: int, dp_rank: int):
-    """This rank's micro-batches of a step, in order (one row each)."""
-    per = GLOBAL // dp_size
-    rows = global_batch(step)[dp_rank * per:(dp_rank + 1) * per]
-    return iter({"input_ids": rows[i:i + 1]} for i in range(per))
+    """This rank's micro-batches of a step, in order, cut as raypt's data stream cuts them (one row each at
+    most; unequal shares where the ranks do not divide the batch)."""
+    from raypt.data.split import Split
+
+    split = Split(GLOBAL, dp_size, 1)
+    start, count = split.share(dp_rank)
+    rows = global_batch(step)[start:start + count]
+    return iter({"input_ids": rows[cut], "weight": weight} for cut, weight in split.micro_slices(dp_rank))
 
 
 def build(cfg, world: int, rank: int, restore=None):

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from raypt import checkpoint
 from raypt.hooks.faults import fired
@@ -42,6 +44,19 @@ def test_sigkilled_worker_resumes_exactly(reference, make_job):
         assert got[step]["sample_ids"] == reference[step]["sample_ids"], step
     seen = [i for step in range(1, STEPS + 1) for i in got[step]["sample_ids"]]
     assert len(seen) == len(set(seen)) == STEPS * cfg.train.global_batch, "a sample was repeated or skipped"
+
+
+@pytest.mark.slow  # bf16 on CPU is slow
+def test_sigkilled_bf16_run_resumes_bit_for_bit(ray_cluster, make_job):
+    """DeepSpeed's CPU accelerator trains in bf16: the fp32 masters and Adam moments come back exactly after the
+    engine is built, and other randomness follows (seed, rank, step), so the losses match to the last bit."""
+    common = ("deepspeed.precision=bf16", "train.steps=6", "checkpoint.every=2")
+    whole = by_step(train(make_job("run.name=bf16-whole", *common)))
+    folder = train(make_job("run.name=bf16-kill", *common, "faults.kill_at_step=5", "faults.kill_rank=1",
+                            "failure.max_failures=1"))
+    got = by_step(folder)
+    assert fired(folder, "kill")["step"] == 5 and any("resumed_from" in r for r in got.values())
+    assert [got[s]["loss"] for s in range(1, 7)] == [whole[s]["loss"] for s in range(1, 7)]
 
 
 def test_torn_latest_checkpoint_falls_back_to_the_previous(reference, make_job):
@@ -126,3 +141,141 @@ def test_build_lock_left_by_a_killed_worker_does_not_hang_restarts(make_job):
             "zero.load_ops(config.JobConfig.model_validate_json(sys.argv[1]))")
     subprocess.run([sys.executable, "-c", code, cfg.model_dump_json()], check=True, timeout=600)
     assert not any(map(os.path.exists, locks))
+
+
+# --- hangs and non-finite losses (issue 12, point 5) -------------------------------------------------------------
+
+def veto_nonfinite(rank: int, world: int, out_dir: str) -> dict:
+    """Gloo tier: per ZeRO stage, a step whose loss is NaN on rank 1 only, under train.on_nonfinite=skip."""
+    from types import SimpleNamespace
+
+    from gloo import build, job, rank_batches
+    from raypt.hooks.faults import nan_output
+    from raypt.hooks.nonfinite import NonFinite
+
+    out = {}
+    for stage in (0, 2, 3):
+        task, engine = build(job(stage), world, rank)
+        policy = NonFinite("skip", out_dir, rank)
+        policy.start(SimpleNamespace(engine=engine), None)  # the loop: all the skip policy reads of it
+
+        def step(n: int, poison: bool = False) -> tuple[float, bool]:
+            policy.before_step(None, n)
+            hook = engine.module.register_forward_hook(lambda m, a, o: nan_output(o)) if poison else None
+            loss, _ = engine.train_step(rank_batches(n, engine.dp_size, engine.dp_rank), task.loss)
+            if hook is not None:
+                hook.remove()
+            return float(loss), policy.skipped
+
+        def state() -> dict:
+            return {k: t.clone() for k, _, t in engine.state_tensors() if t is not None}
+
+        step(1)
+        before, adam = state(), engine.optimizer_steps()
+        loss, skipped = step(2, poison=rank == 1)
+        after = state()
+        out[stage] = {"loss": loss, "skipped": skipped, "adam": [adam, engine.optimizer_steps()],
+                      "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+                      "next": [step(3), step(4)]}
+    return out
+
+
+@pytest.mark.slow  # three ZeRO stages on two ranks: with the Ray tier, so the fast tier stays quick
+def test_vetoed_update_leaves_weights_and_adam_state_untouched(tmp_path):
+    from gloo import run_group
+
+    for rank, got in enumerate(run_group(2, veto_nonfinite, str(tmp_path))):
+        for stage, s in got.items():
+            assert math.isnan(s["loss"]) == (rank == 1), (rank, stage, "only rank 1's loss is NaN")
+            assert s["skipped"], (rank, stage, "every rank must agree to skip")
+            assert s["unchanged"], (rank, stage, "weights or Adam moments moved on a skipped update")
+            assert s["adam"] == [1, 1], (rank, stage, "Adam's step counter moved on a skipped update")
+            assert all(math.isfinite(loss) and not skipped for loss, skipped in s["next"]), (rank, stage)
+
+
+def test_fp16_loss_scale_round_trips_through_the_checkpoint_state():
+    """fp16 does not train on DeepSpeed's CPU accelerator here ("Type fp16 is not supported on your device"), so
+    this checks the saved state on DeepSpeed's own scaler objects: a fresh scaler given the state of one that has
+    seen overflows makes the same decisions from then on."""
+    import json
+
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, LossScaleConfig
+
+    from raypt.hooks.loss_scale import read, write
+
+    args = {"init_scale": 2.0 ** 16, "scale_window": 100, "min_scale": 1.0, "delayed_shift": 2,
+            "consecutive_hysteresis": False}  # what ds_config's fp16 section gives DeepSpeed
+
+    def zero_scaler():  # what ZeRO 1-3 keep as optimizer.loss_scaler
+        return CreateLossScaler(torch.float16, static_loss_scale=1.0, dynamic_scaling=True, dynamic_loss_args=args)
+
+    def fp16_config():  # what the ZeRO-0 fp16 optimizer keeps as optimizer.loss_scale_config
+        return LossScaleConfig(torch.float16, dynamic_loss_scale=True, static_loss_scale=1.0,
+                               dynamic_loss_args={k: args[k] for k in ("init_scale", "scale_window", "min_scale")})
+
+    for make in (zero_scaler, fp16_config):
+        trained = make()
+        write(trained, {"cur_scale": 512.0, "cur_iter": 1037, "last_overflow_iter": 40, "cur_hysteresis": 1})
+        fresh = make()
+        assert read(fresh) != read(trained)
+        write(fresh, json.loads(json.dumps(read(trained))))  # as the checkpoint's JSON carries it
+        assert read(fresh) == read(trained)
+    ref = zero_scaler()
+    write(ref, {"cur_scale": 512.0, "cur_iter": 1037, "last_overflow_iter": 40, "cur_hysteresis": 1})
+    restored = zero_scaler()
+    write(restored, json.loads(json.dumps(read(ref))))
+    for _ in range(2 * ref.scale_window):  # no overflow: the scale grows at the same iterations
+        ref.update_scale(False)
+        restored.update_scale(False)
+        assert restored.cur_scale == ref.cur_scale
+    assert ref.cur_scale > 512.0
+
+
+def test_nan_loss_stop_fails_naming_the_step_with_checkpoints_intact(ray_cluster, make_job):
+    cfg = make_job("run.name=nan-stop", "train.steps=6", "checkpoint.every=2", "checkpoint.keep=5",
+                   "faults.nan_loss_at_step=5", "faults.kill_rank=1")
+    with pytest.raises(TrainingFailed) as err:
+        train(cfg)
+    assert "train.on_nonfinite=stop: the loss of step 5 is NaN or infinite on 1 of 2 ranks" in str(err.value)
+    kept = checkpoint.list_checkpoints(run_dir(cfg))
+    assert [checkpoint.read_state(u)[0].step for u in kept] == [2, 4]
+
+
+def test_nan_loss_skip_skips_the_update_and_trains_on(ray_cluster, make_job):
+    # ZeRO-0 in fp32: DeepSpeed itself would apply the NaN update (ZeRO 1-3 check gradients for overflow)
+    cfg = make_job("run.name=nan-skip", "train.steps=6", "checkpoint.every=6", "deepspeed.zero_stage=0",
+                   "faults.nan_loss_at_step=3", "faults.kill_rank=1", "train.on_nonfinite=skip")
+    folder = train(cfg)
+    got = by_step(folder)
+    assert fired(folder, "nan")["rank"] == 1
+    assert [s for s, r in got.items() if r.get("update_skipped")] == [3]
+    assert math.isnan(got[3]["loss"])
+    assert all(math.isfinite(got[s]["loss"]) for s in (1, 2, 4, 5, 6)), "a NaN update reached the weights"
+    assert checkpoint.read_state(f"{folder}/step000006")[1]["optimizer_step"] == 5
+
+
+def test_nan_loss_rollback_resumes_from_the_last_checkpoint_and_skips_the_batch(ray_cluster, make_job):
+    from raypt.hooks.nonfinite import skipped_steps
+
+    cfg = make_job("run.name=nan-rollback", "train.steps=6", "checkpoint.every=2", "faults.nan_loss_at_step=5",
+                   "faults.kill_rank=1", "train.on_nonfinite=rollback", "failure.max_failures=1")
+    folder = train(cfg)
+    got = by_step(folder)
+    assert skipped_steps(folder) == [5]
+    assert sorted(got) == list(range(1, 7)) and got[5]["resumed_from"] == 4
+    assert got[5]["update_skipped"] == 1 and all(math.isfinite(r["loss"]) for r in got.values())
+    assert checkpoint.read_state(f"{folder}/step000006")[1]["optimizer_step"] == 5
+
+
+@pytest.mark.slow  # waits out the watchdog's limit
+def test_hung_rank_restarts_within_the_step_timeout(ray_cluster, make_job):
+    timeout = 20
+    cfg = make_job("run.name=hang", "train.steps=6", "checkpoint.every=2", "faults.hang_at_step=4",
+                   "faults.kill_rank=1", f"failure.step_timeout_s={timeout}", "failure.max_failures=1")
+    folder = train(cfg)
+    got = by_step(folder)
+    hung = fired(folder, "hang")
+    assert hung["rank"] == 1 and hung["step"] == 4
+    assert sorted(got) == list(range(1, 7)) and got[3]["resumed_from"] == 2
+    # the watchdog ends the stuck worker after `timeout` s; the restart then resumes within a worker group's start
+    assert timeout <= got[3]["time"] - hung["time"] <= timeout + 60

@@ -9,6 +9,7 @@ from raypt.data.manifest import read_manifest, shard_uri
 from raypt.config import AudioConfig, ImageConfig
 from raypt.data.mix import MixPlan, rank_slots
 from raypt.data.order import GlobalOrder
+from raypt.data.split import Split
 from raypt.data.stream import RankStream
 
 
@@ -42,9 +43,27 @@ def test_each_epoch_is_a_permutation_and_epochs_differ(tiny_data):
 
 def test_rank_slices_tile_the_global_batch_at_any_world_size():
     whole = rank_positions(5, 3, 12, 1, 0).reshape(3, 12)
-    for world in (2, 3, 4, 6):
+    for world in (2, 3, 4, 5, 6, 7, 12):  # 5 and 7 do not divide 12: shares differ by one
         parts = [rank_positions(5, 3, 12, world, r).reshape(3, -1) for r in range(world)]
+        assert {p.shape[1] for p in parts} <= {12 // world, 12 // world + 1}
         assert np.array_equal(np.concatenate(parts, axis=1), whole)
+
+
+def test_micro_batches_weight_unequal_shares_to_the_global_mean():
+    from raypt.data.split import Split
+
+    for world, micro in ((1, 4), (3, 2), (5, 1), (5, 3), (7, 2), (12, 1)):
+        split = Split(12, world, micro)
+        weights, rows = [], []
+        for rank in range(world):
+            cuts = split.micro_slices(rank)
+            assert len(cuts) == split.accumulation  # every rank calls the model equally often
+            assert all(c.stop - c.start <= micro for c, _ in cuts)
+            rows.append(sum(c.stop - c.start for c, w in cuts if w))
+            weights += [w / (c.stop - c.start) for c, w in cuts if w]
+        assert sum(rows) == 12
+        # DeepSpeed averages over accumulation x ranks: per-row weights must make that the mean over 12 rows
+        assert np.allclose(np.array(weights) / (split.accumulation * world), 1 / 12)
 
 
 def test_stream_delivers_the_ordered_rows_and_resumes_mid_run(ray_cluster, tiny_data):
@@ -55,11 +74,13 @@ def test_stream_delivers_the_ordered_rows_and_resumes_mid_run(ray_cluster, tiny_
         for sid, ids in zip(t.column("sample_id").to_numpy(), t.column("input_ids").to_pylist()):
             table[int(sid)] = ids
     order = GlobalOrder(m, "train", seed=0)
-    stream = RankStream([m], single(8), "train", 0, True, world=2, rank=1, micro=2, prefetch=2,
+    # 8 over 3 ranks: rank 2 takes 2 samples per batch, in 2 micro-batches like its peers' 3 samples
+    stream = RankStream([m], single(8), "train", 0, True, Split(8, 3, 2), rank=2, prefetch=2,
                         image_cfg=ImageConfig(), audio_cfg=AudioConfig())
     full = [b for b in stream.batches(0, 6)]
+    assert len(full) == 12 and all(len(b["sample_id"]) == 1 and b["weight"] == 1 * 2 * 3 / 8 for b in full)
     got = np.concatenate([b["sample_id"].numpy() for b in full])
-    assert np.array_equal(got, sample_ids(m, order, rank_positions(0, 6, 8, 2, 1)))
+    assert np.array_equal(got, sample_ids(m, order, rank_positions(0, 6, 8, 3, 2)))
     for b in full:
         for sid, ids in zip(b["sample_id"].tolist(), b["input_ids"].tolist()):
             assert table[sid] == ids
@@ -76,7 +97,7 @@ def test_stream_reads_shards_from_s3_as_from_local_disk(ray_cluster, s3_endpoint
     boto3.client("s3").create_bucket(Bucket="raypt-shards")
     fs, path = storage.resolve("s3://raypt-shards/stdlib")
     pafs.copy_files(tiny_data, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    streams = [RankStream([read_manifest(root)], single(8), "train", 0, True, world=2, rank=0, micro=4, prefetch=2,
+    streams = [RankStream([read_manifest(root)], single(8), "train", 0, True, Split(8, 2, 4), rank=0, prefetch=2,
                           image_cfg=ImageConfig(), audio_cfg=AudioConfig())
                for root in (tiny_data, "s3://raypt-shards/stdlib")]
     local, remote = ([b for b in s.batches(3, 4)] for s in streams)

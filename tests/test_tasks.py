@@ -87,13 +87,14 @@ def test_mae_learns_and_exports_a_transformers_folder(tmp_path):
 
     task = mae_task()
     model = task.build_model(seed=0)
-    data = {"pixel_values": images(8)}
+    data = {"pixel_values": images(8), "position": torch.arange(8)}
     loss, metrics = task.loss(model, data)
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and metrics == {}
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model.zero_grad()
-    views = {"pixel_values": torch.stack([data["pixel_values"], images(8, seed=1)], 1)}  # [rows, 2, 3, S, S]
+    views = {"pixel_values": torch.stack([data["pixel_values"], images(8, seed=1)], 1),  # [rows, 2, 3, S, S]
+             "position": data["position"]}
     assert seeded_loss(task, model, views) == seeded_loss(task, model, data)  # the first view is the one used
 
     before = seeded_loss(task, model, data)
@@ -182,9 +183,35 @@ def test_multimodal_learns_exports_and_counts_flops(tmp_path):
         assert task.flops_per_sample(model, m) == expected
 
 
+def test_mae_masks_are_keyed_by_each_samples_place_in_the_data():
+    """Ranks hold different places, so they draw different masks; a sample's mask does not depend on which rank
+    or micro-batch it lands in, so any world size draws the masks an uninterrupted run drew."""
+    from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings
+
+    from raypt.tasks.base import sample_noise
+
+    task = mae_task()
+    model = task.build_model(seed=0)
+    patches = task.tokens_per_sample("image")
+    masks = {}
+    for positions in ([0, 1, 2, 3], [2, 3], [3]):
+        noise = sample_noise(torch.tensor(positions), 0, patches)
+        seq = torch.zeros(len(positions), patches, 1)
+        _, mask, _ = ViTMAEEmbeddings.random_masking(model.vit.embeddings, seq, noise)
+        masks.update({(p, len(positions)): m for p, m in zip(positions, mask)})
+    assert not torch.equal(masks[(0, 4)], masks[(1, 4)])  # two places, two masks
+    assert torch.equal(masks[(3, 4)], masks[(3, 2)]) and torch.equal(masks[(3, 4)], masks[(3, 1)])
+    assert not torch.equal(sample_noise(torch.tensor([3]), 1, patches), sample_noise(torch.tensor([3]), 0, patches))
+    image = images(1)
+    one = task.loss(model, {"pixel_values": image, "position": torch.tensor([3])})[0]
+    pair = task.loss(model, {"pixel_values": image.repeat(2, 1, 1, 1), "position": torch.tensor([3, 3])})[0]
+    assert one.item() == pytest.approx(pair.item(), abs=1e-6)  # the mask follows the place, not the batch
+
+
 def test_half_precision_models_take_float32_batches():
     """DeepSpeed's bf16 engine leaves float32 pixels and mel features as they come."""
-    for task, data in ((mae_task(), {"pixel_values": images(2)}), (multimodal_task(), batch(1, 1, 1))):
+    for task, data in ((mae_task(), {"pixel_values": images(2), "position": torch.arange(2)}),
+                       (multimodal_task(), batch(1, 1, 1))):
         model = task.build_model(seed=0).to(torch.bfloat16)
         loss, _ = task.loss(model, data)
         loss.backward()

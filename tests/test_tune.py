@@ -48,8 +48,9 @@ def test_bad_sweeps_fail_before_any_trial(tmp_path, job_file, search, extra, mes
 
 def test_grid_points_must_combine_and_choices_resolve_paths(tmp_path, job_file, tiny_data):
     sweep, job = load_sweep(write_sweep(tmp_path, job_file, search={
-        "train.global_batch": {"grid": [16, 8]}, "train.micro_batch": {"grid": [2, 16]}}))
-    with pytest.raises(ConfigError, match=r"grid point \{'train.global_batch': 8, 'train.micro_batch': 16\}"):
+        "train.global_batch": {"grid": [16, 1]}, "scaling.workers": {"grid": [1, 2]}}))
+    point = r"(?s)grid point \{'scaling.workers': 2, 'train.global_batch': 1\}.*smaller than the largest world size"
+    with pytest.raises(ConfigError, match=point):
         check_trials(sweep, job)
     here = os.path.relpath(tiny_data)
     sweep, job = load_sweep(write_sweep(tmp_path, job_file, search={"data.path": {"choice": [here]}}))

@@ -23,8 +23,9 @@ class TrainConfig(Section):
     """Optimizer steps, batch sizes and the AdamW recipe."""
     steps: int = Field(200, ge=1, description="optimizer steps in the run; a finished run given more resumes")
     global_batch: int = Field(16, ge=1, description="samples per optimizer step, whatever the world size")
-    micro_batch: int = Field(8, ge=1, description="samples per rank per forward/backward; gradient accumulation "
-                             "is global_batch / (micro_batch x workers)")
+    micro_batch: int = Field(8, ge=1, description="most samples per rank per forward/backward; each rank "
+                             "takes global_batch / workers samples per step (one more on some ranks when that does "
+                             "not divide), in as many micro-batches as that needs")
     lr: float = Field(3e-3, gt=0, le=1, description="peak learning rate, which train.schedule scales")
     weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay, on weight matrices only "
                                 "(not norms or biases); 0 = none")
@@ -37,6 +38,13 @@ class TrainConfig(Section):
                               "reads (the same ones every time)")
     schedule: ScheduleConfig = Field(default_factory=dict, validate_default=True, description="the learning rate "
                                      "as a function of global tokens seen; `name` picks the schedule")
+    on_nonfinite: Literal["stop", "skip", "rollback"] = Field("stop", description="a step whose loss is NaN or "
+                                                              "infinite on any rank: stop = the run fails naming "
+                                                              "the step, its checkpoints intact; skip = that "
+                                                              "update is not applied and training goes on; "
+                                                              "rollback = restart from the last good checkpoint "
+                                                              "and skip that step's batch (a restart: needs "
+                                                              "failure.max_failures != 0)")
 
 
 class DeepSpeedConfig(Section):
@@ -90,13 +98,22 @@ class FailureConfig(Section):
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after node reclaims; -1 = unlimited")
     sigterm_grace_s: float = Field(25.0, gt=0, description="seconds a SIGTERM'd worker has to commit a checkpoint")
     preemption_check_every: int = Field(20, ge=0, description="steps between Ray node-drain checks; 0 = off")
+    step_timeout_s: float = Field(600.0, gt=0, description="seconds a rank may go without finishing a step (its "
+                                  "evaluation and checkpoint write included) before its watchdog ends the worker, "
+                                  "and the timeout of every collective: a stuck rank becomes a worker failure that "
+                                  "max_failures restarts")
 
 
 class FaultsConfig(Section):
     """Chaos drills: each fault fires once per run, never again after the restart it causes (unless `repeat`)."""
     kill_at_step: Optional[int] = Field(None, ge=1, description="SIGKILL the worker process of kill_rank at this "
                                         "step; None = never")
-    kill_rank: int = Field(0, ge=0, description="the rank kill_at_step and sigterm_at_step hit")
+    kill_rank: int = Field(0, ge=0, description="the rank kill_at_step, sigterm_at_step, hang_at_step and "
+                           "nan_loss_at_step hit")
+    hang_at_step: Optional[int] = Field(None, ge=1, description="make kill_rank stop making progress before this "
+                                        "step (a stuck rank, for failure.step_timeout_s); None = never")
+    nan_loss_at_step: Optional[int] = Field(None, ge=1, description="make kill_rank's loss (and so its gradients) "
+                                            "NaN at this step (for train.on_nonfinite); None = never")
     raise_at_step: Optional[int] = Field(None, ge=1, description="raise an error on rank 0 at this step; "
                                          "None = never")
     sigterm_at_step: Optional[int] = Field(None, ge=1, description="SIGTERM the worker process of kill_rank at "
@@ -118,7 +135,9 @@ class RunConfig(Section):
                            "always recorded)")
     log_sample_ids: bool = Field(False, description="record every step's global sample ids (audits resumes)")
     resume_from: Optional[Location] = Field(None, description="a checkpoint folder to start from (any world size) "
-                                            "when the run folder has none; None = from scratch")
+                                            "when the run folder has none (checked before any cluster work); "
+                                            "once the run has checkpoints of its own they win, and `raypt train` "
+                                            "prints a note naming both; None = from scratch")
     trackers: list[TrackerName] = Field(["tensorboard"], description="where metrics go besides metrics.jsonl; "
                                         "servers, modes and credentials come from the environment only "
                                         "(MLFLOW_TRACKING_URI, WANDB_MODE, WANDB_API_KEY, ...)")
@@ -164,17 +183,24 @@ class JobConfig(Section):
     s3: S3Config = Field(default_factory=S3Config)
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "JobConfig":
-        for world in self.scaling.world_sizes():
-            per_step = self.train.micro_batch * world
-            if self.train.global_batch % per_step:
-                raise ValueError(
-                    f"train.global_batch: {self.train.global_batch} is not a multiple of train.micro_batch "
-                    f"({self.train.micro_batch}) x workers ({world}) = {per_step}; the global batch is held constant "
-                    f"at every world size, so pick a multiple of {per_step}")
+    def _batch_covers_ranks(self) -> "JobConfig":
+        # Any split works (raypt.data.split weights unequal shares); each rank needs one sample per step.
+        most = max(self.scaling.world_sizes())
+        if self.train.global_batch < most:
+            raise ValueError(f"train.global_batch: {self.train.global_batch} is smaller than the largest world "
+                             f"size ({most} workers); every rank needs at least one sample per step, so use "
+                             f"train.global_batch >= {most} or fewer workers")
         if self.faults.kill_rank >= max(self.scaling.world_sizes()):
             raise ValueError(f"faults.kill_rank: {self.faults.kill_rank} is not a rank of a run with at most "
                              f"{max(self.scaling.world_sizes())} workers")
+        return self
+
+    @model_validator(mode="after")
+    def _rollback_restarts(self) -> "JobConfig":
+        if self.train.on_nonfinite == "rollback" and self.failure.max_failures == 0:
+            raise ValueError("train.on_nonfinite: rollback restarts the run from its last good checkpoint, which "
+                             "failure.max_failures=0 forbids; allow restarts (failure.max_failures >= 1, or -1) or "
+                             "use stop or skip")
         return self
 
     def trajectory(self) -> dict:
@@ -183,7 +209,7 @@ class JobConfig(Section):
 
         - all of `model` (the task and its sizes);
         - all of `train` except `steps` (a finished run given more steps is the same run), `eval_every` and
-          `eval_batches` (evaluation only reads);
+          `eval_batches` (evaluation only reads), and `on_nonfinite` (a run stopped at a NaN resumes with skip);
         - `run.seed` (weights, data order, augmentations, masks);
         - of `data`: each source's `name` and `weight` in mix order (`main` for a run on data.path alone), not its
           path: the same data moved to another machine or bucket is the same run; `data.stages`; and `data.image`
@@ -194,7 +220,8 @@ class JobConfig(Section):
         `run.group`), scaling (the global batch is held constant
         across world sizes), deepspeed, failure handling, fault drills, S3 settings, and how data was prepared.
         """
-        train = self.train.model_dump(mode="json", exclude={"steps", "eval_every", "eval_batches"})
+        train = self.train.model_dump(mode="json", exclude={"steps", "eval_every", "eval_batches",
+                                                            "on_nonfinite"})
         data = self.data.model_dump(mode="json", include={"stages", "image", "audio"})
         data["sources"] = [{"name": s.name, "weight": s.weight} for s in self.data.mix()]
         return {"model": self.model.model_dump(mode="json"), "train": train, "run": {"seed": self.run.seed},

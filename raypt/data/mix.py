@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from raypt.data.split import Split
+
 
 def allocate(weights: np.ndarray, total: int) -> np.ndarray:
     """Integer counts summing to `total` in proportion to `weights`: largest remainder (deterministic)."""
@@ -68,13 +70,14 @@ class MixPlan:
 
 def rank_slots(plan: MixPlan, first_batch: int, num_batches: int, world: int, rank: int
                ) -> tuple[np.ndarray, np.ndarray]:
-    """(source, position) of every sample rank `rank` of `world` takes over a run of global batches, in order."""
+    """(source, position) of every sample rank `rank` of `world` takes over a run of global batches, in order:
+    its share of each batch (raypt.data.split)."""
     srcs, positions = [], []
     for b in range(first_batch, first_batch + num_batches):
         src, pos = plan.slots(b)
-        per_rank = len(src) // world
-        srcs.append(src[rank * per_rank:(rank + 1) * per_rank])
-        positions.append(pos[rank * per_rank:(rank + 1) * per_rank])
+        start, count = Split(len(src), world, 1).share(rank)
+        srcs.append(src[start:start + count])
+        positions.append(pos[start:start + count])
     return np.concatenate(srcs), np.concatenate(positions)
 
 

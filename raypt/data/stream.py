@@ -21,6 +21,7 @@ from raypt.data.features import BATCH_KEY
 from raypt.data.manifest import modality, shard_uri
 from raypt.data.mix import MixPlan, rank_slots
 from raypt.data.order import GlobalOrder
+from raypt.data.split import Split
 
 SOURCE_BITS = 40  # sample ids of source s are s << 40 | the id inside the source: unique across a mix
 COLUMN = {"text": "input_ids", "image": "image", "audio": "audio"}
@@ -53,13 +54,16 @@ class Source:
 
 
 class RankStream:
-    """A rank's micro-batches from global batch `first_batch` on, each a dict of tensors in global order."""
+    """A rank's micro-batches from global batch `first_batch` on, each a dict of tensors in global order, plus
+    `weight` (the factor on its mean loss, raypt.data.split) and `position` (each row's source << 40 | place in
+    that source's order: what per-sample randomness is keyed by; rows in rank order, which is the rows' order
+    for one modality)."""
 
-    def __init__(self, manifests: list[dict], plan: MixPlan, split: str, seed: int, shuffle: bool, world: int,
-                 rank: int, micro: int, prefetch: int, image_cfg, audio_cfg):
+    def __init__(self, manifests: list[dict], plan: MixPlan, split: str, seed: int, shuffle: bool,
+                 batch_split: Split, rank: int, prefetch: int, image_cfg, audio_cfg):
         self.sources = [Source(m, split, seed, shuffle) for m in manifests]
         self.plan, self.seed, self.train = plan, seed, shuffle
-        self.world, self.rank, self.micro, self.prefetch = world, rank, micro, prefetch
+        self.batch_split, self.rank, self.prefetch = batch_split, rank, prefetch
         self.image_cfg, self.audio_cfg = image_cfg, audio_cfg
         self.modalities = sorted({s.modality for s in self.sources}, key=list(COLUMN).index)
         global_batch = int(plan.counts[0].sum())
@@ -99,7 +103,7 @@ class RankStream:
     def read_window(self, item: dict) -> dict:
         """Ray Data map: one window of global batches -> this rank's samples of it, decoded, as one row."""
         start, count = int(item["start"][0]), int(item["count"][0])
-        srcs, positions = rank_slots(self.plan, start, count, self.world, self.rank)
+        srcs, positions = rank_slots(self.plan, start, count, self.batch_split.ranks, self.rank)
         sample_ids = np.empty(len(srcs), dtype=np.int64)
         parts: dict[str, list] = {mod: [] for mod in self.modalities}
         for s in np.unique(srcs):
@@ -108,7 +112,7 @@ class RankStream:
             table = read_rows(source.uris, *source.order.locate(positions[sel]), column=COLUMN[source.modality])
             sample_ids[sel] = (int(s) << SOURCE_BITS) | table.column("sample_id").to_numpy()
             parts[source.modality].append((sel, self.decode(int(s), positions[sel], table)))
-        window = {"sample_id": sample_ids, "source": srcs}
+        window = {"sample_id": sample_ids, "source": srcs, "position": (srcs << SOURCE_BITS) | positions}
         for mod, pieces in parts.items():  # each modality's rows in the rank's order
             rows = np.concatenate([sel for sel, _ in pieces]) if pieces else np.zeros(0, dtype=np.int64)
             arrays = np.concatenate([a for _, a in pieces]) if pieces else self.empty(mod)
@@ -118,16 +122,23 @@ class RankStream:
         return {"window": np.array([buf.getvalue()], dtype=object)}
 
     def micro_batches(self, window: dict) -> Iterator[dict]:
+        """The window's rows, batch by batch, cut into the rank's micro-batches (a zero-weight filler's sample id
+        is -1)."""
         import torch
 
         modality_of = np.array([self.sources[s].modality for s in window["source"]])
-        for i in range(0, len(window["sample_id"]), self.micro):
-            batch = {"sample_id": torch.from_numpy(window["sample_id"][i:i + self.micro])}
-            for mod in self.modalities:
-                before = int(np.sum(modality_of[:i] == mod))
-                here = int(np.sum(modality_of[i:i + self.micro] == mod))
-                batch[BATCH_KEY[mod]] = torch.from_numpy(window[BATCH_KEY[mod]][before:before + here])
-            yield batch
+        share = self.batch_split.share(self.rank)[1]
+        for first in range(0, len(modality_of), share):
+            for rows, weight in self.batch_split.micro_slices(self.rank):
+                lo, hi = first + rows.start, first + rows.stop
+                ids = window["sample_id"][lo:hi] if weight else np.array([-1])
+                batch = {"sample_id": torch.from_numpy(ids), "position": torch.from_numpy(window["position"][lo:hi]),
+                         "weight": weight}
+                for mod in self.modalities:
+                    before = int(np.sum(modality_of[:lo] == mod))
+                    here = int(np.sum(modality_of[lo:hi] == mod))
+                    batch[BATCH_KEY[mod]] = torch.from_numpy(window[BATCH_KEY[mod]][before:before + here])
+                yield batch
 
     def batches(self, first_batch: int, num_batches: int) -> Iterator[dict]:
         import ray.data
@@ -163,5 +174,6 @@ class Timed:
         t = time.perf_counter()
         batch = next(self.batches)
         self.wait += time.perf_counter() - t
-        self.ids.append(batch.pop("sample_id"))
+        ids = batch.pop("sample_id")
+        self.ids.append(ids[ids >= 0])  # not a zero-weight filler's
         return batch

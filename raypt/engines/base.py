@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from raypt.checkpoint import Reader
     from raypt.config import JobConfig
 
-Batch = dict  # name -> tensor, as the data stream yields it
+Batch = dict  # name -> tensor, as the data stream yields it; train batches carry `weight` (raypt.data.split)
 LossFn = Callable[["torch.nn.Module", Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 PARAM, MOMENTS = "param", ("exp_avg", "exp_avg_sq")  # the kinds of per-parameter state a checkpoint holds
@@ -47,6 +47,9 @@ class Engine(ABC):
     micro_batches: int  # micro-batches this rank feeds per optimizer step
     device: "torch.device"
     module: "torch.nn.Module"  # what the task's loss is called on
+    # Set by the non-finite-loss policy (raypt/hooks/nonfinite.py): called once per step before the update with
+    # whether this rank's losses were finite; False skips the update on every rank (the gate makes them agree).
+    update_gate: Optional[Callable[["torch.Tensor"], bool]] = None
 
     @property
     def dp_rank(self) -> int:
@@ -74,7 +77,8 @@ class Engine(ABC):
 
     @abstractmethod
     def train_step(self, batches: Iterator[Batch], loss_fn: LossFn) -> "tuple[torch.Tensor, dict]":
-        """One optimizer step over `micro_batches` batches drawn from `batches`: (mean loss, mean metrics)."""
+        """One optimizer step over `micro_batches` batches drawn from `batches`, each loss scaled by its batch's
+        `weight`: (weighted mean loss, weighted mean metrics); their mean over the ranks is the global batch's."""
 
     @abstractmethod
     def eval_step(self, batch: Batch, loss_fn: LossFn) -> "tuple[torch.Tensor, dict]":

@@ -9,18 +9,11 @@ from typing import Iterator, Optional
 import torch
 
 from raypt.config import JobConfig
+from raypt.data.split import Split
 from raypt.engines.base import MOMENTS, PARAM, Batch, Engine, LossFn, Topology
 from raypt.engines.device import accelerator, precision
 
 log = logging.getLogger(__name__)
-
-
-def grad_accumulation(cfg: JobConfig, dp_size: int) -> int:
-    per_step = cfg.train.micro_batch * dp_size
-    if cfg.train.global_batch % per_step:
-        raise ValueError(f"train.global_batch {cfg.train.global_batch} is not a multiple of micro_batch "
-                         f"{cfg.train.micro_batch} x data-parallel size {dp_size}")
-    return cfg.train.global_batch // per_step
 
 
 def ds_config(cfg: JobConfig, dp_size: int) -> dict:
@@ -30,10 +23,11 @@ def ds_config(cfg: JobConfig, dp_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": accelerator() == "cuda"}
         if cfg.deepspeed.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": accelerator() == "cuda"}
+    split = Split(cfg.train.global_batch, dp_size, cfg.train.micro_batch)  # its weights keep G exact
     conf = {
-        "train_batch_size": cfg.train.global_batch,
+        "train_batch_size": split.nominal_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
-        "gradient_accumulation_steps": grad_accumulation(cfg, dp_size),
+        "gradient_accumulation_steps": split.accumulation,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,
@@ -85,6 +79,7 @@ class ZeroEngine(Engine):
     (fused on CUDA) skips a JIT build."""
 
     name = "zero"
+    _finite: Optional[torch.Tensor] = None  # whether every micro-batch loss of this step so far was finite
 
     def __init__(self, ds, topology: Topology, micro_batches: int):
         self.ds, self.topology, self.micro_batches = ds, topology, micro_batches
@@ -113,13 +108,36 @@ class ZeroEngine(Engine):
     def train_step(self, batches: Iterator[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
         loss_sum, sums = torch.zeros((), device=self.device), {}
         for _ in range(self.micro_batches):
-            loss, metrics = loss_fn(self.ds, self.local_to_device(next(batches)))
-            self.ds.backward(loss)
-            self.ds.step()
-            loss_sum += loss.detach()  # summed on the device: no host sync per micro-batch on a GPU
+            batch = next(batches)
+            weight = batch.pop("weight")  # rows-weighted: the step's mean over the global batch (data/split.py)
+            loss, metrics = loss_fn(self.ds, self.local_to_device(batch))
+            self.ds.backward(loss * weight)
+            self._step(loss)
+            loss_sum += loss.detach() * weight  # summed on the device: no host sync per micro-batch on a GPU
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
+                sums[k] = sums.get(k, 0.0) + v.detach() * weight
         return loss_sum / self.micro_batches, {k: v / self.micro_batches for k, v in sums.items()}
+
+    def _step(self, loss: torch.Tensor) -> None:
+        """DeepSpeed's step after a micro-batch's backward. At the accumulation boundary `update_gate` (when set)
+        sees whether each micro-batch loss of this rank's step was finite and may veto the update: DeepSpeed's
+        step then runs as on every other rank (gradients reduced and zeroed), but the optimizer under it leaves
+        the weights and Adam's state, step counter included, as they were."""
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()
+            return
+        finite, self._finite = self._finite, None
+        if self.update_gate is None or self.update_gate(finite):
+            self.ds.step()
+            return
+        base = self._base()
+        base.step = lambda *args, **kwargs: None  # shadows the class's step for this one update
+        try:
+            self.ds.step()
+        finally:
+            del base.step
 
     def eval_step(self, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
         self.ds.eval()

@@ -63,6 +63,7 @@ class Preemption(Hook):
             loop.request_checkpoint()
         elif self._draining(step):
             loop.request_checkpoint()
+            record["node_drain"] = True  # why this step has a checkpoint
         if not record["preempted"]:
             del record["preempted"]  # a record says so only when it happened
 

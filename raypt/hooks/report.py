@@ -108,7 +108,11 @@ class SampleAudit(Hook):
         import torch
         import torch.distributed as dist
 
-        mine = torch.cat(loop.batches.ids).to(loop.engine.device)
+        # Shares differ by one sample when the ranks do not divide the batch: gather equal shapes, padded with -1.
+        most = -(-loop.cfg.train.global_batch // loop.engine.dp_size)
+        mine = torch.cat(loop.batches.ids)
+        mine = torch.cat([mine, mine.new_full((most - len(mine),), -1)]).to(loop.engine.device)
         every = [torch.empty_like(mine) for _ in range(loop.engine.dp_size)]
         dist.all_gather(every, mine, group=loop.engine.dp_group)
-        record["sample_ids"] = torch.cat(every).tolist()
+        ids = torch.cat(every)
+        record["sample_ids"] = ids[ids >= 0].tolist()

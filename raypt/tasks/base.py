@@ -44,6 +44,11 @@ class JobData(Protocol):
     def audio(self) -> AudioConfig: ...
 
 
+class JobRun(Protocol):
+    @property
+    def seed(self) -> int: ...
+
+
 class Job(Protocol):
     """The parts of a job a task reads; raypt.config.JobConfig is one. Named by shape, not imported: config
     imports the task registry to build `model`'s union, so a task importing config would close a cycle."""
@@ -52,6 +57,19 @@ class Job(Protocol):
 
     @property
     def data(self) -> JobData: ...
+
+    @property
+    def run(self) -> JobRun: ...
+
+
+def sample_noise(positions: Tensor, seed: int, width: int) -> Tensor:
+    """Uniform [0, 1) noise of `width` per row, keyed by (seed, the row's `position` in the batch): a sample's own
+    randomness, different on every rank, the same at any world size and after a resume."""
+    import numpy as np
+    import torch
+
+    rows = [np.random.default_rng([seed, int(p)]).random(width, dtype=np.float32) for p in positions.tolist()]
+    return torch.from_numpy(np.stack(rows) if rows else np.zeros((0, width), np.float32))
 
 
 class Task(ABC):

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from raypt.tasks.base import Task, TaskConfig, register
+from raypt.tasks.base import Task, TaskConfig, register, sample_noise
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -54,11 +54,13 @@ class MaeTask(Task):
         return ViTMAEForPreTraining(self.hf_config())
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Pixel loss on the masked patches; the mask is drawn from torch's RNG, which checkpoints restore."""
+        """Pixel loss on the masked patches; each sample's mask is its own, keyed by its place in the data."""
         pixels = batch["pixel_values"]
         if pixels.ndim == 5:  # [rows, views, 3, S, S]: MAE needs one view
             pixels = pixels[:, 0]
-        return model(pixel_values=pixels.to(model.dtype)).loss.float(), {}  # DeepSpeed bf16 does not cast inputs
+        noise = sample_noise(batch["position"], self.cfg.run.seed, self.tokens_per_sample("image"))
+        # DeepSpeed bf16 does not cast inputs
+        return model(pixel_values=pixels.to(model.dtype), noise=noise.to(pixels.device)).loss.float(), {}
 
     def tokens_per_sample(self, modality: str) -> int:
         return (self.cfg.data.image.size // self.cfg.model.patch_size) ** 2

@@ -193,7 +193,8 @@ def check_trials(sweep: SweepConfig, job: dict) -> dict[str, Any]:
         try:
             trial_job({**firsts, **dict(zip(grids, point))})
         except ConfigError as e:
-            raise ConfigError(f"search: the grid point {dict(zip(grids, point))} makes an invalid job:\n  {e}") from None
+            raise ConfigError(f"search: the grid point {dict(zip(grids, point))} makes an invalid job:\n"
+                              f"  {e}") from None
     check_metric(sweep, trial_job(firsts))
     return {k: Distribution(kind=d.kind, args=resolved[k]).space() if d.kind in ("grid", "choice") else d.space()
             for k, d in sweep.search.items()}
