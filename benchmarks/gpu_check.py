@@ -6,7 +6,9 @@ device (bf16 where supported), with DeepSpeed ZeRO-2 through raypt's engine stra
   standard recipe: fp32 weights, bf16 autocast, fused AdamW), as a ratio;
 - a checkpoint saved by raypt and restored into a fresh engine: the largest difference of the restored fp32
   master weights from the saved ones (a restore that rounds them through bf16 shows here), and the next step's
-  loss against the uninterrupted engine's.
+  loss against the uninterrupted engine's;
+- fp16 (which DeepSpeed's CPU accelerator cannot train): the dynamic loss scale saved in the checkpoint comes back
+  (the LossScale hook), so the steps after a restore match the uninterrupted engine's.
 Writes benchmarks/results/gpu.json (or $OUT/gpu.json when OUT is set).
 """
 from __future__ import annotations
@@ -28,14 +30,19 @@ MODELS = {
 }
 
 
-def job(m: dict, steps: int):
+def job(m: dict, steps: int, precision: str = "auto"):
     from raypt.config import JobConfig
 
     return JobConfig.model_validate({
         "model": {"task": "clm", "hidden_size": m["hidden_size"], "num_layers": m["num_layers"],
                   "num_heads": m["num_heads"]},
         "train": {"steps": steps, "global_batch": m["micro"], "micro_batch": m["micro"], "lr": 3e-4},
-        "deepspeed": {"zero_stage": 2}, "scaling": {"workers": 1}})
+        "deepspeed": {"zero_stage": 2, "precision": precision}, "scaling": {"workers": 1}})
+
+
+def step_batches(b: torch.Tensor):
+    """One optimizer step's micro-batches on the only rank: the whole global batch, weight 1 (raypt.data.split)."""
+    return iter([{"input_ids": b, "weight": 1.0}])
 
 
 def batches(m: dict, n: int) -> list[torch.Tensor]:
@@ -76,7 +83,7 @@ def check(name: str, m: dict, steps: int) -> dict:
     losses = []
 
     def raypt_step(b):
-        loss, _ = engine.train_step(iter([{"input_ids": b}]), task.loss)
+        loss, _ = engine.train_step(step_batches(b), task.loss)
         losses.append(loss)
 
     raypt_s = timed(raypt_step, data)
@@ -92,8 +99,8 @@ def check(name: str, m: dict, steps: int) -> dict:
         master_diff = max((safe_get_full_fp32_param(p).float().cpu() - saved[n]).abs().max().item()
                           for n, p in restored.ds.module.named_parameters())
         probe = batches(m, 1)[0]
-        after_restore, _ = restored.train_step(iter([{"input_ids": probe}]), task.loss)
-        uninterrupted, _ = engine.train_step(iter([{"input_ids": probe}]), task.loss)
+        after_restore, _ = restored.train_step(step_batches(probe), task.loss)
+        uninterrupted, _ = engine.train_step(step_batches(probe), task.loss)
     del engine, restored
     torch.cuda.empty_cache()
 
@@ -123,6 +130,48 @@ def check(name: str, m: dict, steps: int) -> dict:
             f"{name}_loss_after_restore_vs_uninterrupted": abs(float(after_restore) - float(uninterrupted))}
 
 
+def fp16_check(m: dict, steps: int) -> dict:
+    """fp16 under ZeRO-2: train until the loss scale has moved off its initial 2^16, checkpoint with the hooks'
+    state, restore into a fresh engine, and train both on the same batches."""
+    from types import SimpleNamespace
+
+    from raypt.checkpoint import Reader, TrainState, save_checkpoint
+    from raypt.engines import Topology, select
+    from raypt.hooks import Hooks
+    from raypt.hooks.loss_scale import LossScale, read, scaler
+    from raypt.tasks import get_task
+
+    cfg = job(m, steps, precision="fp16")
+    task = get_task("clm")(cfg, {"text": {"vocab_size": m["vocab"], "seq_len": m["seq"], "eos_id": 0}})
+
+    def build(reader=None, keep_scale=True):
+        with torch.device("cuda"):
+            model = task.build_model(0)
+        engine = select(cfg).build(model, cfg, Topology.data_parallel(1, 0), reader)
+        hooks = Hooks()
+        if keep_scale:
+            hooks.add(LossScale())
+        hooks.start(SimpleNamespace(engine=engine), reader)
+        return engine, hooks
+
+    engine, hooks = build()
+    scaler(engine.ds.optimizer).cur_scale = 2.0 ** 24  # overflows at first: the scale comes down and moves
+    for b in batches(m, steps):
+        engine.train_step(step_batches(b), task.loss)
+    probes = batches(m, steps + 4)[steps:]
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(engine, d, TrainState(step=steps, world_size=1), hooks.states(), cfg.model_dump(mode="json"),
+                        cfg.trajectory())
+        restored, _ = build(Reader(d))
+        unscaled, _ = build(Reader(d), keep_scale=False)  # what a restore without the hook would do
+    saved_scale, restored_scale = read(scaler(engine.ds.optimizer)), read(scaler(restored.ds.optimizer))
+    runs = [[float(e.train_step(step_batches(b), task.loss)[0]) for b in probes] for e in (restored, unscaled, engine)]
+    return {"fp16_loss_scale_saved": saved_scale["cur_scale"], "fp16_loss_scale_restored": restored_scale["cur_scale"],
+            "fp16_scaler_state_equal": saved_scale == restored_scale,
+            "fp16_losses_after_restore_max_abs_diff": max(abs(a - b) for a, b in zip(runs[0], runs[2])),
+            "fp16_losses_without_saved_scale_max_abs_diff": max(abs(a - b) for a, b in zip(runs[1], runs[2]))}
+
+
 def main() -> None:
     import torch.distributed as dist
 
@@ -137,6 +186,8 @@ def main() -> None:
         figures.update(check(name, m, steps=30 if name == "quickstart" else 15))
         figures[f"{name}_check_s"] = time.time() - t
         print(json.dumps({k: v for k, v in figures.items() if k.startswith(name)}, indent=1), flush=True)
+    figures.update(fp16_check(MODELS["quickstart"], steps=30))
+    print(json.dumps({k: v for k, v in figures.items() if k.startswith("fp16")}, indent=1), flush=True)
     out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results") / "gpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     import deepspeed
