@@ -22,7 +22,8 @@ BAD = [
     (["scaling.workers={min: 3, max: 2}"], ["scaling.workers.min (3)", "<= scaling.workers.max (2)"]),
     (["model.num_heads=3"], ["model.num_heads: 3", "must divide model.hidden_size (128)"]),
     (["run.name=bad name!"], ["run.name", "'bad name!'", "pattern"]),
-    (["train.schedule.name=linear"], ["train.schedule.name", "'linear'", "'cosine' or 'constant'"]),
+    (["train.schedule.name=step"], ["train.schedule.name", "'step'", "'cosine', 'constant', 'linear'",
+                                     "'inverse-sqrt' or 'infinite'"]),
     (["train.betas=[0.9]"], ["train.betas", "[0.9]"]),
     (["train.betas=[0.9, 1.0]"], ["train.betas.1: got 1.0", "less than 1"]),
     (["scaling.workers=0"], ["scaling.workers: got 0", "greater than or equal to 1"]),
@@ -38,12 +39,13 @@ BAD = [
     (["model.mask_ratio=0.5"], ["model.mask_ratio: not a field of model.task 'clm' (it is a field of 'mae')",
                                 "allowed keys: task, hidden_size"]),
     (["model.task=mae", "model.rope_theta=1"], ["model.rope_theta: not a field of model.task 'mae'",
-                                                "(it is a field of 'clm' and 'multimodal')"]),
+                                                "(it is a field of 'clm', 'multimodal')"]),
     (["model.task=mae", "model.mask_ratio=1"], ["model.mask_ratio: got 1", "less than 1"]),
     (["model.task=gpt"], ["model.task: got 'gpt'", "'clm', 'mae' or 'multimodal'"]),
     (["model.hidden_sise=64"], ["model.hidden_sise: unknown key", "did you mean 'hidden_size'"]),
     (["train.schedule.name=constant", "train.schedule.min_lr_ratio=0.2"],
-     ["train.schedule.min_lr_ratio: not a field of train.schedule.name 'constant' (it is a field of 'cosine')"]),
+     ["train.schedule.min_lr_ratio: not a field of train.schedule.name 'constant' (it is a field of 'cosine', "
+      "'linear'"]),
     (["train.steps"], ["override 'train.steps'", "section.key=value"]),
     (["run.trackers=[foo]"], ["run.trackers.0: got 'foo'", "'tensorboard', 'mlflow' or 'wandb'"]),
     (["run.trackers=[mlflow, tensorboard, mlflow]"], ["run.trackers", "lists mlflow more than once",
@@ -150,7 +152,8 @@ def test_explain_lists_fields_with_types_bounds_defaults_and_meaning():
     train = config.explain("train")
     assert "betas: [float in [0, 1), float in [0, 1)] = [0.9, 0.95]" in train
     assert "eps: float > 0 = 1e-08" in train and "AdamW's term added to the denominator" in train
-    assert "schedule: one of 'cosine', 'constant' by train.schedule.name (default 'cosine')" in train
+    assert "schedule: one of 'cosine', 'constant', 'linear', '1-sqrt', 'rewarm', 'wsd', 'inverse-sqrt', 'infinite' " \
+           "by train.schedule.name (default 'cosine')" in train
     assert "name: 'constant':" in train and "min_lr_ratio: float in [0, 1] = 0.1" in train  # its sub-sections too
     model = config.explain("model")
     assert all(f"task: {t!r}:" in model for t in ("clm", "mae", "multimodal"))

@@ -15,6 +15,7 @@ from raypt.tasks import TaskConfigUnion
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
 ModelConfig = TaskConfigUnion  # `model:`: the config of the task its `task` key names (see raypt.tasks)
+UNSHAPING_TRAIN = {"steps", "eval_every", "eval_batches", "on_nonfinite"}  # train settings outside trajectory()
 ScheduleConfig = ScheduleUnion  # `train.schedule:`: the schedule its `name` key names (see raypt.schedules)
 TrackerName = Literal[tuple(TRACKERS)]  # `run.trackers`: the registry's names (see raypt.metrics.trackers)
 
@@ -220,8 +221,7 @@ class JobConfig(Section):
         `run.group`), scaling (the global batch is held constant
         across world sizes), deepspeed, failure handling, fault drills, S3 settings, and how data was prepared.
         """
-        train = self.train.model_dump(mode="json", exclude={"steps", "eval_every", "eval_batches",
-                                                            "on_nonfinite"})
+        train = self.train.model_dump(mode="json", exclude=UNSHAPING_TRAIN)
         data = self.data.model_dump(mode="json", include={"stages", "image", "audio"})
         data["sources"] = [{"name": s.name, "weight": s.weight} for s in self.data.mix()]
         return {"model": self.model.model_dump(mode="json"), "train": train, "run": {"seed": self.run.seed},
@@ -232,8 +232,23 @@ class JobConfig(Section):
         return hashlib.sha256(json.dumps(self.trajectory(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def as_today(saved: dict) -> dict:
+    """A trajectory as an older raypt saved it, read through today's schema: settings added since take their
+    defaults, which compute what that run computed, so its checkpoints still resume. Left as saved when today's
+    schema no longer reads it."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        model = TypeAdapter(ModelConfig).validate_python(saved["model"]).model_dump(mode="json")
+        train = TrainConfig.model_validate(saved["train"]).model_dump(mode="json", exclude=UNSHAPING_TRAIN)
+    except (KeyError, TypeError, ValidationError):
+        return saved
+    return {**saved, "model": model, "train": train}
+
+
 def trajectory_diff(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two trajectory() dicts (a key only one has counts as differing)."""
+    """Dotted keys whose values differ between a checkpoint's trajectory and a job's (a key only one has counts
+    as differing, after `as_today`)."""
     def walk(a: Any, b: Any, key: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             return [k for name in sorted(set(a) | set(b), key=str)
@@ -242,4 +257,4 @@ def trajectory_diff(saved: dict, current: dict) -> list[str]:
             return [k for i, (x, y) in enumerate(zip(a, b)) for k in walk(x, y, f"{key}.{i}")]
         return [] if a == b else [key]
 
-    return walk(saved, current, "")
+    return walk(as_today(saved), current, "")

@@ -102,7 +102,7 @@ def _unknown_key(where: Located) -> str:
         owners = [repr(t) for t, section in where.choice.variants.items() if name in section.model_fields]
         if owners:
             return (f"{where.key}: not a field of {where.choice.key}.{where.choice.tag_key} {where.choice.tag!r} "
-                    f"(it is a field of {' and '.join(owners)}); allowed keys: {', '.join(options)}")
+                    f"(it is a field of {', '.join(owners)}); allowed keys: {', '.join(options)}")
     close = difflib.get_close_matches(name, options, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     allowed = f"{hint}allowed keys: {', '.join(options)}" if options else "this section takes no sub-keys"

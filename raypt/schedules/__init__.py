@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from raypt.schedules import cosine  # noqa: F401  (registers itself; the default, listed first)
 from raypt.schedules import constant  # noqa: F401
+from raypt.schedules import linear  # noqa: F401
+from raypt.schedules import one_minus_sqrt  # noqa: F401
+from raypt.schedules import rewarm  # noqa: F401
+from raypt.schedules import wsd  # noqa: F401
+from raypt.schedules import inverse_sqrt  # noqa: F401
+from raypt.schedules import infinite  # noqa: F401
 from raypt.schedules.base import SCHEDULES, Schedule, register
 from raypt.schema import tagged_union
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import TypeVar
+from typing import Optional, TypeVar
+
+from pydantic_core import PydanticCustomError
 
 from raypt.schema import Section
 
@@ -25,3 +27,15 @@ def register(cls: type[S]) -> type[S]:
     """Class decorator: make a schedule selectable by its `name` in any schedule field of the config."""
     SCHEDULES[cls.model_fields["name"].default] = cls
     return cls
+
+
+def span(share: float, tokens: Optional[float], total_tokens: float) -> float:
+    """A phase's length in tokens: its token count when the job gives one (a length that stays put when the run
+    gets longer), else its share of the run."""
+    return share * total_tokens if tokens is None else tokens
+
+
+def refused(message: str) -> PydanticCustomError:
+    """What a field validator raises for a value that clashes with another field: pydantic places it at the field,
+    so the config's message leads with the user's dotted key and value (a ValueError's would have to name them)."""
+    return PydanticCustomError("schedule_fields_clash", message)
