@@ -10,11 +10,15 @@ import sys
 
 import pytest
 
+from raypt.driver import EMBEDDED_ENV
+
 
 def run_drill(*args: str) -> list[str]:
     """The drill's own output lines."""
     drill = os.path.join(os.path.dirname(__file__), "elastic_drill.py")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Not this process's embedded-cluster settings (a module before may have started one): they turn off Ray
+    # Train's preemption watcher, and the drill's cluster is drained.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in EMBEDDED_ENV}
     env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"
     proc = subprocess.Popen([sys.executable, drill, *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -95,8 +95,10 @@ def test_sigterm_commits_a_checkpoint_at_that_step(reference, make_job):
         assert got[step]["sample_ids"] == reference[step]["sample_ids"], step
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_worker_checkpoint_resumes_on_one_worker(reference, make_job, stage, tmp_path):
+def test_two_worker_zero3_checkpoint_resumes_on_one_worker(reference, make_job):
+    """Through run.resume_from and the whole driver (the gloo tier resumes every stage at 1-4 ranks; the elastic
+    drill shrinks and grows a run)."""
+    stage = 3
     source = make_job(f"run.name=reshard-src{stage}", f"train.steps={STEPS}", "checkpoint.every=4",
                       f"deepspeed.zero_stage={stage}")
     src = by_step(train(source))
@@ -107,19 +109,6 @@ def test_two_worker_checkpoint_resumes_on_one_worker(reference, make_job, stage,
     assert got[5]["samples_seen"] == src[5]["samples_seen"], "the global batch changed with the world size"
     for step in range(5, STEPS + 1):
         assert abs(got[step]["loss"] - src[step]["loss"]) <= 1e-4, (step, got[step]["loss"], src[step]["loss"])
-
-
-def test_one_worker_checkpoint_resumes_on_two_workers(ray_cluster, make_job):
-    source = make_job("run.name=grow-src", f"train.steps={STEPS}", "checkpoint.every=4", "scaling.workers=1")
-    src = by_step(train(source))
-    cfg = make_job("run.name=grow-dst", f"train.steps={STEPS}", "scaling.workers=2",
-                   f"run.resume_from={run_dir(source)}/step000004")
-    got = by_step(train(cfg))
-    assert got[5]["resumed_from"] == 4 and got[5]["world_size"] == 2
-    for step in range(5, STEPS + 1):
-        assert abs(got[step]["loss"] - src[step]["loss"]) <= 1e-4, step
-    state = json.load(open(os.path.join(run_dir(cfg), f"step{STEPS:06d}", "raypt_state.json")))
-    assert state["world_size"] == 2 and state["samples_seen"] == STEPS * cfg.train.global_batch
 
 
 @pytest.mark.slow  # it rebuilds DeepSpeed's CPU Adam op: not for the fast tier
