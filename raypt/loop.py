@@ -50,7 +50,7 @@ class Worker:
     def restore(self, model: torch.nn.Module) -> None:
         """Build the engine from this run's newest checkpoint every rank verifies, else run.resume_from, else fresh."""
         say = self.note if self.rank == 0 else (lambda message: None)
-        with checkpoint.newest_verified(self.run_uri, self.cfg.run.resume_from, self.rank, say) as reader:
+        with checkpoint.newest_verified(self.run_uri, self.cfg.run.resume_from, say) as reader:
             topology = Topology.data_parallel(self.world, self.rank)
             self.engine = select(self.cfg).build(model, self.cfg, topology, reader)
             self.state = reader.state if reader else checkpoint.TrainState()

@@ -209,7 +209,7 @@ def resume_newest_verified(rank: int, world: int, out_dir: str) -> dict:
     out = {}
     for run in DAMAGES:
         said: list[str] = []
-        with newest_verified(os.path.join(out_dir, run), None, rank, said.append) as reader:
+        with newest_verified(os.path.join(out_dir, run), None, said.append) as reader:
             task, engine = build(job(1), world, rank, reader)
             step = reader.state.step
         out[run] = {"step": step, "said": said, "losses": train(task, engine, range(step + 1, 7))}
@@ -246,9 +246,9 @@ def test_reader_names_the_file_whose_checksum_differs(two_checkpoints):
     out, _ = two_checkpoints
     from raypt.checkpoint import CheckpointError, Reader
 
-    Reader(os.path.join(out, "intact", "step000004")).verify(1)
+    Reader(os.path.join(out, "intact", "step000004")).verify()
     with pytest.raises(CheckpointError, match=r"state-00001-of-00002\.safetensors has CRC-32 \w+, committed as"):
-        Reader(os.path.join(out, "flipped", "step000004")).verify(0)
+        Reader(os.path.join(out, "flipped", "step000004")).verify()
 
 
 def test_format_1_checkpoint_with_an_unreadable_header_falls_back(tmp_path):
@@ -259,7 +259,7 @@ def test_format_1_checkpoint_with_an_unreadable_header_falls_back(tmp_path):
         shutil.copytree(FIXTURE, tmp_path / step)
     cut_header(str(tmp_path / "step000005" / "state-00001-of-00002.safetensors"))
     said: list[str] = []
-    with newest_verified(str(tmp_path), None, 0, said.append) as reader:
+    with newest_verified(str(tmp_path), None, said.append) as reader:
         assert reader.directory == str(tmp_path / "step000003") and reader.format == 1
         assert set(reader.tensors("param")) == set(Reader_keys())
     [line] = said
@@ -274,5 +274,5 @@ def test_resume_from_that_does_not_verify_is_refused(tmp_path):
     cut_header(str(tmp_path / "source" / "state-00000-of-00002.safetensors"))
     with pytest.raises(CheckpointError,
                        match=r"run\.resume_from=.*source/state-00000-of-00002\.safetensors is unreadable"):
-        with newest_verified(str(tmp_path / "run"), str(tmp_path / "source"), 0, print):
+        with newest_verified(str(tmp_path / "run"), str(tmp_path / "source"), print):
             pass

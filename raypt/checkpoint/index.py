@@ -102,17 +102,11 @@ class Reader:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{self.origin}/{name} is unreadable: {e}") from None
 
-    def files_read_by(self, rank: int) -> list[str]:
-        """The files rank `rank` opens to restore: every shard holding tensors (each rank reads every tensor in
-        full today; an engine that reads only its slice would name fewer). Randomness is not restored: it follows
-        (seed, rank, step) and each sample's place in the data."""
-        return sorted(set(self.where.values()))
-
-    def verify(self, rank: int) -> None:
-        """Check the bytes of the files rank `rank` reads against their committed CRC-32, so no rank reads more
-        than it restores from; format 1 committed no CRCs, so its files need only parse. Raises CheckpointError
-        naming the file."""
-        for name in self.files_read_by(rank):
+    def verify(self) -> None:
+        """Check the bytes of the files a rank restores from against their committed CRC-32: every shard holding
+        tensors, as each rank reads every tensor in full (an engine that read only its slice would check fewer).
+        Format 1 committed no CRCs, so its files need only parse. Raises CheckpointError naming the file."""
+        for name in sorted(set(self.where.values())):
             entry = self.body["files"][name]
             if not isinstance(entry, dict):
                 self._keys(name)

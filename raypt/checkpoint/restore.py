@@ -24,19 +24,19 @@ def _every_rank(value: Any) -> list:
     return every
 
 
-def _check(uri: str, rank: int, stack: ExitStack) -> tuple[Optional[Reader], Optional[str]]:
-    """(reader, None) when this rank's files of `uri` verify, else (None, why)."""
+def _check(uri: str, stack: ExitStack) -> tuple[Optional[Reader], Optional[str]]:
+    """(reader, None) when the files this rank reads of `uri` verify, else (None, why)."""
     try:
         read_state(uri)  # sizes first: a torn checkpoint is not downloaded
         reader = Reader(stack.enter_context(local_copy(uri)), origin=uri)
-        reader.verify(rank)
+        reader.verify()
         return reader, None
     except CheckpointError as e:
         return None, str(e)
 
 
 @contextmanager
-def newest_verified(run_uri: str, resume_from: Optional[str], rank: int,
+def newest_verified(run_uri: str, resume_from: Optional[str],
                     log: Callable[[str], None] = print) -> Iterator[Optional[Reader]]:
     """Collective. A Reader, valid inside the block, of the newest checkpoint of the run that every rank verifies,
     else of `resume_from`, else None (a fresh start). Each checkpoint skipped is logged with the reasons, which
@@ -45,7 +45,7 @@ def newest_verified(run_uri: str, resume_from: Optional[str], rank: int,
     own = _every_rank(list(reversed(list_checkpoints(run_uri))))[0]
     for uri in own + ([resume_from] if resume_from else []):
         with ExitStack() as stack:
-            reader, error = _check(uri, rank, stack)
+            reader, error = _check(uri, stack)
             errors = list(dict.fromkeys(e for e in _every_rank(error) if e))  # most often one file, seen by all
             if not errors:
                 yield reader
