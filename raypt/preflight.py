@@ -158,8 +158,8 @@ def resume_note(cfg: Any) -> Optional[str]:
 
 def check_prepare(cfg: Any) -> None:
     """For `raypt data prepare`: every source's output folder, inputs and shared tokenizer answer, and a shared
-    tokenizer is a prepared text dataset."""
-    from raypt.data.manifest import read_manifest
+    tokenizer is a prepared text dataset or a Hugging Face folder."""
+    from raypt.data.tokenizer import tokenizer_folder
 
     for i, source in enumerate(cfg.data.mix()):
         out = source_field(cfg, i)
@@ -170,13 +170,7 @@ def check_prepare(cfg: Any) -> None:
         tokenizer = source.prepare.tokenizer
         if tokenizer:
             reach(f"{where}.tokenizer", tokenizer)
-            try:
-                has = "tokenizer" in read_manifest(tokenizer)
-            except FileNotFoundError:
-                has = False
-            if not has:
-                raise ConfigError(f"{where}.tokenizer: '{tokenizer}' holds no prepared text dataset (manifest.json "
-                                  f"naming a tokenizer); prepare that dataset first")
+            tokenizer_folder(tokenizer, f"{where}.tokenizer")
 
 
 def source_field(cfg: Any, i: int) -> str:

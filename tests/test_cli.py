@@ -76,7 +76,7 @@ CASES = [
     (["train", QUICKSTART, "data.path=hdfs://host/data"], {}, 2, ["data.path", "expected a local path or an s3://"]),
     (["data", "prepare", QUICKSTART, "data.path={tmp}/a-file"], {}, 2, ["data.path", "is a file"]),
     (["data", "prepare", QUICKSTART, "data.path={tmp}/new", "data.prepare.tokenizer={tmp}/sweeps"], {}, 2,
-     ["data.prepare.tokenizer", "holds no prepared text dataset"]),
+     ["data.prepare.tokenizer", "holds neither a prepared text dataset"]),
     (["data", "prepare", QUICKSTART, "data.path={tmp}/new", "data.prepare.source=text",
       "data.prepare.inputs=[s3://bucket/raw]", f"s3.endpoint=http://{DEAD}"], {}, 1,
      ["data.prepare.inputs.0", "cannot reach the S3 endpoint"]),

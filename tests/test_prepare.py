@@ -26,7 +26,7 @@ import soundfile as sf
 
 from raypt import config, storage
 from raypt.config import ConfigError, DataConfig, PrepareConfig
-from raypt.data import decode
+from raypt.data import corpora, decode
 from raypt.data.prepare import prepare
 
 PARAGRAPH = ("The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
@@ -196,6 +196,97 @@ def test_corrupt_parquet_is_a_bad_record(tmp_path):
     (folder / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file")
     manifest = prepare(str(tmp_path / "out"), text_cfg([str(folder)]), DataConfig(max_bad_fraction=0.9))
     assert list(by_name(manifest)) == [str(folder / "broken.parquet")]
+
+
+# ------------------------------------------------------------------------------- offline corpora, tokenizers
+
+
+def decoded(out: str, manifest: dict) -> str:
+    """The training split's tokens, decoded with the tokenizer the dataset carries."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(Path(out) / manifest["tokenizer"]))
+    return tok.decode(np.array(read_split(out, manifest, "train").column("input_ids").to_pylist()).reshape(-1))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_code_corpora_are_whole_files_named_relative_in_sorted_order_up_to_max_bytes():
+    for source, suffixes in (("cpp-headers", (".h", ".hpp", ".cuh")), ("site-python", (".py",))):
+        docs = corpora.text_documents(source, 50_000)
+        names = [Path(n) for n, _ in docs]
+        assert names == sorted(names) and all(n.suffix in suffixes and not n.is_absolute() for n in names)
+        sizes = [len(text) for _, text in docs]
+        assert sum(sizes[:-1]) < 50_000 <= sum(sizes)
+    assert names[0].parts[0] == corpora.SITE_PACKAGES[0]
+
+
+@pytest.mark.parametrize("source, max_bytes, marks", [("cpp-headers", 200_000, ("#include", "namespace")),
+                                                     ("site-python", 100_000, ("def ", "import "))])
+def test_installed_code_corpora_reuse_the_stdlib_tokenizer(tiny_data, tmp_path, source, max_bytes, marks):
+    cfg = PrepareConfig(source=source, max_bytes=max_bytes, seq_len=32, tokenizer=tiny_data)
+    out = str(tmp_path / "out")
+    manifest = prepare(out, cfg)
+    stdlib = storage.read_json(storage.join(tiny_data, "manifest.json"))
+    assert manifest["source"] == source and manifest["modality"] == "text"
+    for key in ("tokenizer_sha256", "vocab_size", "eos_id"):
+        assert manifest[key] == stdlib[key], key
+    assert sha256(Path(out) / "tokenizer" / "tokenizer.json") == stdlib["tokenizer_sha256"]
+    check_shards(out, manifest)
+    assert all(mark in decoded(out, manifest) for mark in marks)
+    assert prepare(str(tmp_path / "again"), cfg)["splits"] == manifest["splits"]  # the same shards, byte for byte
+
+
+def test_a_hugging_face_folder_tokenizer_gives_its_vocabulary_eos_and_ids(tiny_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from raypt.data.prepare import split
+    from raypt.preflight import check_prepare
+
+    tok = AutoTokenizer.from_pretrained(str(Path(tiny_data) / "tokenizer"))
+    tok.add_special_tokens({"eos_token": "</s>"})  # a vocabulary and an eos unlike any raypt-trained tokenizer's
+    export = tmp_path / "export"
+    tok.save_pretrained(export)
+    (export / "model.safetensors").write_bytes(b"stands for the weights beside the tokenizer")
+    check_prepare(config.load(None, [f"data.path={tmp_path / 'out'}", f"data.prepare.tokenizer={export}"],
+                              check_data=False))
+
+    out = str(tmp_path / "out")
+    manifest = prepare(out, PrepareConfig(source="cpp-headers", max_bytes=100_000, seq_len=32,
+                                          tokenizer=str(export)))
+    assert manifest["vocab_size"] == len(tok) == 513 and manifest["eos_id"] == tok.eos_token_id == 512
+    assert manifest["tokenizer_sha256"] == sha256(Path(out) / "tokenizer" / "tokenizer.json")
+    assert manifest["tokenizer_sha256"] == sha256(export / "tokenizer.json")
+    docs = split(corpora.text_documents("cpp-headers", 100_000), PrepareConfig().val_fraction)["train"]
+    ids = [t for _, text in docs for t in (*tok(text, add_special_tokens=False)["input_ids"], 512)]
+    stored = np.array(read_split(out, manifest, "train").column("input_ids").to_pylist()).reshape(-1)
+    assert stored.tolist() == ids[: len(stored)] and len(ids) - len(stored) < 32
+
+
+def test_a_tokenizer_location_without_a_tokenizer_or_an_eos_is_refused_naming_the_field(tiny_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from raypt.preflight import check_prepare
+
+    neither = tmp_path / "neither"
+    neither.mkdir()
+    (neither / "notes.txt").write_text("no tokenizer here")
+    expected = r"data.prepare.tokenizer: '.*' holds neither a prepared text dataset .* nor a Hugging Face tokenizer"
+    for location in (neither, tmp_path / "missing"):
+        with pytest.raises(ConfigError, match=expected):
+            prepare(str(tmp_path / "out"), PrepareConfig(source="cpp-headers", tokenizer=str(location)))
+        with pytest.raises(ConfigError, match=expected):
+            check_prepare(config.load(None, [f"data.path={tmp_path / 'out'}", f"data.prepare.tokenizer={location}"],
+                                      check_data=False))
+
+    tok = AutoTokenizer.from_pretrained(str(Path(tiny_data) / "tokenizer"))
+    tok.eos_token = None
+    tok.save_pretrained(tmp_path / "no-eos")
+    with pytest.raises(ConfigError, match="data.prepare.tokenizer: .* has no eos_token"):
+        prepare(str(tmp_path / "out"), PrepareConfig(source="cpp-headers", tokenizer=str(tmp_path / "no-eos")))
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------------- images
@@ -391,6 +482,24 @@ def test_prepare_reads_s3_inputs_and_writes_s3_output_like_local(fresh_s3, tmp_p
     assert single["documents"] == 4 and by_name(single) == by_name(manifest)
     # and a training job finds it
     assert config.load(None, [f"data.path={out}"]).data.path == out
+
+
+def test_an_s3_hugging_face_folder_lends_its_tokenizer_files_not_its_weights(fresh_s3, tiny_data, tmp_path,
+                                                                              monkeypatch):
+    from transformers import AutoTokenizer
+
+    bucket = new_bucket()
+    export = tmp_path / "export"
+    AutoTokenizer.from_pretrained(str(Path(tiny_data) / "tokenizer")).save_pretrained(export)
+    (export / "model.safetensors").write_bytes(b"stands for gigabytes of weights")
+    upload(export, bucket, "export")
+    copied, copy = [], storage.copy_tree
+    monkeypatch.setattr(storage, "copy_tree", lambda src, dst: (copied.append(src.rsplit("/", 1)[1]), copy(src, dst)))
+
+    manifest = prepare(str(tmp_path / "out"), PrepareConfig(source="site-python", max_bytes=50_000, seq_len=16,
+                                                            tokenizer=f"s3://{bucket}/export"))
+    assert "tokenizer.json" in copied and "model.safetensors" not in copied
+    assert manifest["tokenizer_sha256"] == storage.read_json(f"{tiny_data}/manifest.json")["tokenizer_sha256"]
 
 
 def test_s3_folder_input_with_a_trailing_slash(fresh_s3, tmp_path):

@@ -11,18 +11,24 @@ from raypt.schema import Location, Section
 
 class PrepareConfig(Section):
     """How `raypt data prepare` turns raw files into shards; inputs are files, folders or globs, local or s3://."""
-    source: Literal["stdlib", "text", "images", "audio", "skimage", "stdlib-audio"] = Field(
-        "stdlib", description="stdlib (code), skimage (images) and stdlib-audio ship with the install; text, images "
-        "and audio read data.prepare.inputs")
+    source: Literal["stdlib", "cpp-headers", "site-python", "text", "images", "audio", "skimage",
+                    "stdlib-audio"] = Field(
+        "stdlib", description="ship with the install: stdlib (the Python standard library's sources), cpp-headers "
+        "(the C/C++ headers in the torch wheel's include/, a strong shift from Python), site-python (the sources of "
+        "installed deepspeed, matplotlib, numpy, pyarrow, pydantic, scipy and skimage, a weak shift), skimage "
+        "(images) and stdlib-audio; text, images and audio read data.prepare.inputs")
     inputs: list[Location] = Field(default_factory=list, description="text: .txt/.jsonl/.parquet; images: image "
                                    "files or .parquet; audio: .wav/.flac (local paths are made absolute)")
     text_field: str = Field("text", min_length=1, description="JSONL key or Parquet column holding a document")
     image_field: str = Field("image", min_length=1, description="Parquet column holding encoded image bytes")
     image_max_side: Optional[int] = Field(None, ge=8, description="store images shrunk to this longest side in "
                                           "pixels (as PNG); None = as they are")
-    tokenizer: Optional[Location] = Field(None, description="a prepared dataset whose tokenizer to reuse: text "
-                                          "sources mixed in one run must share one vocabulary; None = train one")
-    max_bytes: int = Field(6_000_000, ge=10_000, description="stdlib: characters of source code to read")
+    tokenizer: Optional[Location] = Field(None, description="reuse a tokenizer: a prepared text dataset's (text "
+                                          "sources mixed in one run must share one vocabulary) or a Hugging Face "
+                                          "folder's, e.g. a model export (data for a model continued from it); "
+                                          "None = train one")
+    max_bytes: int = Field(6_000_000, ge=10_000, description="stdlib, cpp-headers, site-python: characters of "
+                           "source to read, whole files in sorted path order")
     vocab_size: int = Field(2048, ge=260, le=262144, description="tokens of the byte-level BPE tokenizer trained "
                             "on the training split (256 bytes + end-of-text + merges)")
     seq_len: int = Field(128, ge=8, description="tokens per packed training sequence")

@@ -1,8 +1,9 @@
 """`raypt data prepare`: raw text, images or audio -> checked Parquet shards + a manifest (files, rows, checksums).
 
-Text is tokenized (a local byte-level BPE, or a tokenizer shared with another prepared dataset) and packed into
-fixed-length sequences with an end-of-document separator. Images and audio stay encoded (they are decoded and
-augmented at training time) but every record is decoded once here, so a bad one is caught before any training.
+Text (files, or a code corpus of the install) is tokenized (a local byte-level BPE, the tokenizer of another
+prepared dataset, or that of a Hugging Face folder such as a model export) and packed into fixed-length sequences
+with an end-of-document separator. Images and audio stay encoded (they are decoded and augmented at training time)
+but every record is decoded once here, so a bad one is caught before any training.
 """
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import fnmatch
 import hashlib
 import io
 import json
-import os
-import sysconfig
 import tempfile
 import zlib
 from pathlib import Path
@@ -24,15 +23,15 @@ import pyarrow.parquet as pq
 
 from raypt import storage
 from raypt.config import ConfigError, DataConfig, PrepareConfig
-from raypt.data import decode
+from raypt.data import corpora, decode
 from raypt.data.manifest import MANIFEST
+from raypt.data.tokenizer import shared_tokenizer, train_tokenizer
 
-EOS = "<|endoftext|>"
 ROWS_PER_FILE = 4096
 EXTENSIONS = {"text": (".txt", ".jsonl", ".parquet"), "images": (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp",
               ".tif", ".tiff", ".parquet"), "audio": (".wav", ".flac", ".aiff", ".au")}
-MODALITY = {"stdlib": "text", "text": "text", "images": "image", "skimage": "image", "audio": "audio",
-            "stdlib-audio": "audio"}
+MODALITY = {"stdlib": "text", "cpp-headers": "text", "site-python": "text", "text": "text", "images": "image",
+            "skimage": "image", "audio": "audio", "stdlib-audio": "audio"}
 
 
 class BadRecords:
@@ -56,41 +55,6 @@ class BadRecords:
             raise ConfigError(f"data.max_bad_fraction: {len(self.records)} of {total} records are bad "
                               f"({len(self.records) / total:.1%} > {self.max_fraction:.1%}): {names}")
         return {"count": len(self.records), "total": total, "records": self.records[:1000]}
-
-
-def stdlib_documents(max_bytes: int) -> Iterator[tuple[str, str]]:
-    """The Python standard library's own sources: a real code corpus present on every machine."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idle_test"}
-    total = 0
-    for f in sorted(root.rglob("*.py")):
-        rel = f.relative_to(root)
-        if skip.intersection(rel.parts):
-            continue
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if not text.strip():
-            continue
-        yield str(rel), text
-        total += len(text)
-        if total >= max_bytes:
-            return
-
-
-def packaged_inputs(source: str) -> list[str]:
-    """Real images and sounds that ship inside installed packages, so demos download nothing."""
-    if source == "skimage":
-        import skimage.data
-
-        folder = os.path.dirname(skimage.data.__file__)
-        return [f"{folder}/*.png", f"{folder}/*.jpg"]
-    folder = os.path.join(sysconfig.get_paths()["stdlib"], "test", "audiodata")
-    if not os.path.isdir(folder):
-        raise ConfigError(f"data.prepare.source: 'stdlib-audio' needs Python's own test files ({folder}), which "
-                          f"this Python lacks; use source 'audio' with inputs")
-    return [f"{folder}/*.{ext}" for ext in ("wav", "aiff", "au")]
 
 
 def expand(inputs: list[str], extensions: tuple[str, ...], bad: BadRecords) -> list[str]:
@@ -168,8 +132,8 @@ def text_records(uri: str, cfg: PrepareConfig, bad: BadRecords) -> Iterator[tupl
 
 
 def documents(cfg: PrepareConfig, bad: BadRecords) -> list[tuple[str, str]]:
-    if cfg.source == "stdlib":
-        return list(stdlib_documents(cfg.max_bytes))
+    if cfg.source in corpora.TEXT:
+        return corpora.text_documents(cfg.source, cfg.max_bytes)
     docs = []
     for uri in expand(cfg.inputs, EXTENSIONS["text"], bad):
         for name, text in text_records(uri, cfg, bad):
@@ -184,7 +148,7 @@ def documents(cfg: PrepareConfig, bad: BadRecords) -> list[tuple[str, str]]:
 def media(cfg: PrepareConfig, kind: str, bad: BadRecords) -> list[tuple[str, bytes]]:
     """(name, encoded bytes) of every image or sound that decodes; the rest are bad records."""
     check = decode.decode_image if kind == "image" else decode.decode_audio
-    inputs = cfg.inputs or packaged_inputs(cfg.source)
+    inputs = cfg.inputs or corpora.packaged_inputs(cfg.source)
     out = []
     for uri in expand(inputs, EXTENSIONS["images" if kind == "image" else "audio"], bad):
         if uri.endswith(".parquet"):
@@ -230,25 +194,6 @@ def split(records: list, fraction: float) -> dict[str, list]:
     return {"train": train, "val": val}
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, pad_token=EOS)
-
-
-def shared_tokenizer(dataset: str):
-    """The tokenizer of another prepared dataset, so mixed text sources share one vocabulary."""
-    from transformers import AutoTokenizer
-
-    manifest = storage.read_json(storage.join(dataset, MANIFEST))
-    with tempfile.TemporaryDirectory() as tmp:
-        storage.copy_tree(storage.join(dataset, manifest["tokenizer"]), tmp)
-        return AutoTokenizer.from_pretrained(tmp)
-
-
 def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> np.ndarray:
     """Concatenate documents with an EOS separator and cut into full windows (the ragged tail is dropped)."""
     flat = np.fromiter((t for ids in token_lists for t in (*ids, eos_id)), dtype=np.int32)
@@ -280,7 +225,7 @@ def prepare_text(fs, root: str, cfg: PrepareConfig, bad: BadRecords) -> dict:
     bad.check()  # before any shard is written
     texts = {k: [t for _, t in v] for k, v in parts.items()}
     tok = shared_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(texts["train"], cfg.vocab_size)
-    eos_id = tok.convert_tokens_to_ids(EOS) if EOS in tok.get_vocab() else tok.eos_token_id
+    eos_id = tok.eos_token_id
     splits = {}
     for name, docs in texts.items():
         rows = pack(tok(docs, add_special_tokens=False)["input_ids"], eos_id, cfg.seq_len) if docs else np.zeros(0)

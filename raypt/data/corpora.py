@@ -1,0 +1,81 @@
+"""Real data that ships with the install, so demos and experiments download nothing: code corpora for text
+sources (a domain each) and sample images and sounds for the media ones."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from raypt.schema import ConfigError
+
+TEXT = ("stdlib", "cpp-headers", "site-python")
+CPP_HEADERS = ("**/*.h", "**/*.hpp", "**/*.cuh")
+# Test suites are mostly fixtures and asserts, not the code the corpus stands for.
+PYTHON_SKIP = frozenset({"site-packages", "test", "tests", "idle_test"})
+# site-python: raypt's own dependencies of moderate size (about 32 MB of sources together, like the ~39 MB of torch's
+# C/C++ headers), read in this alphabetical order. ray, torch and transformers are left out: each alone is larger
+# than all of these together and would make the corpus mostly one project's code.
+SITE_PACKAGES = ("deepspeed", "matplotlib", "numpy", "pyarrow", "pydantic", "scipy", "skimage")
+
+
+def read_tree(root: Path, patterns: tuple[str, ...], max_bytes: int,
+              skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, str]]:
+    """(path relative to root, text) of every UTF-8 file matching a glob, in sorted path order, until max_bytes
+    characters are read: the same install always gives the same corpus, and names (which decide the val split)
+    do not depend on where Python is installed. Files under a folder named in `skip` are left out."""
+    total = 0
+    for f in sorted({f for pattern in patterns for f in root.glob(pattern)}):
+        rel = f.relative_to(root)
+        if skip.intersection(rel.parts):
+            continue
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
+            continue
+        yield str(rel), text
+        total += len(text)
+        if total >= max_bytes:
+            return
+
+
+def package_folder(name: str, source: str) -> Path:
+    """An installed package's folder, found without importing it (importing torch takes seconds)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"data.prepare.source: '{source}' reads the installed {name} package, which this Python "
+                          f"lacks")
+    return Path(spec.submodule_search_locations[0])
+
+
+def text_documents(source: str, max_bytes: int) -> list[tuple[str, str]]:
+    """The documents of a code corpus of the install. stdlib: the Python standard library; cpp-headers: the C/C++
+    headers of the torch wheel (a strong shift from Python); site-python: the sources of SITE_PACKAGES (a weak one)."""
+    if source == "stdlib":
+        root, patterns, skip = Path(sysconfig.get_paths()["stdlib"]), ("**/*.py",), PYTHON_SKIP
+    elif source == "cpp-headers":
+        root, patterns, skip = package_folder("torch", source) / "include", CPP_HEADERS, frozenset()
+    else:
+        root, skip = Path(sysconfig.get_paths()["purelib"]), PYTHON_SKIP
+        patterns = tuple(f"{package}/**/*.py" for package in SITE_PACKAGES)
+    docs = list(read_tree(root, patterns, max_bytes, skip))
+    if not docs:
+        raise ConfigError(f"data.prepare.source: '{source}' found no {' or '.join(patterns)} file under {root}")
+    return docs
+
+
+def packaged_inputs(source: str) -> list[str]:
+    """Real images and sounds that ship inside installed packages, so demos download nothing."""
+    if source == "skimage":
+        import skimage.data
+
+        folder = os.path.dirname(skimage.data.__file__)
+        return [f"{folder}/*.png", f"{folder}/*.jpg"]
+    folder = os.path.join(sysconfig.get_paths()["stdlib"], "test", "audiodata")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"data.prepare.source: 'stdlib-audio' needs Python's own test files ({folder}), which "
+                          f"this Python lacks; use source 'audio' with inputs")
+    return [f"{folder}/*.{ext}" for ext in ("wav", "aiff", "au")]
