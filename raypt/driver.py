@@ -173,6 +173,7 @@ def summarize(records: list[dict], wall_s: float) -> dict:
         "final_loss": steps[-1]["loss"] if steps else None,
         "initial_val_loss": vals[0]["val_loss"] if vals else None,
         "final_val_loss": vals[-1]["val_loss"] if vals else None,
+        **{f"final_{k}": v for k, v in (vals[-1] if vals else {}).items() if k.startswith("val_loss/")},  # per source
         "tokens_seen": steps[-1]["tokens_seen"] if steps else 0,
         "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed) if timed else None,
         "mfu": sum(r["mfu"] for r in timed) / len(timed) if timed else None,

@@ -13,11 +13,12 @@ from raypt import checkpoint, storage
 from raypt.config import JobConfig, from_dict
 from raypt.console import quiet_known_noise
 from raypt.data.manifest import bad_records, modality, read_manifest
-from raypt.data.mix import plans
+from raypt.data.mix import MixPlan
 from raypt.data.split import Split
 from raypt.data.stream import RankStream, Timed
 from raypt.engines import Topology, select
 from raypt.engines.device import accelerator, keep_host_memory
+from raypt.evaluation import Evaluator
 from raypt.hooks import preemption, standard_hooks
 from raypt.metrics import CORE, Reducer
 from raypt.metrics.flops import peak_flops
@@ -44,8 +45,10 @@ class Worker:
         model = self.task.build_model(cfg.run.seed)
         tokens = [self.task.tokens_per_sample(modality(m)) for m in self.manifests]
         self.flops = np.array([self.task.flops_per_sample(model, modality(m)) for m in self.manifests])
-        self.plan, self.val_plan = plans(cfg.data.stage_weights(), cfg.train.global_batch, tokens)
+        self.plan = MixPlan(cfg.data.stage_weights(), cfg.train.global_batch, tokens)
         self.restore(model)
+        self.evaluator = Evaluator(cfg, self.manifests, self.engine, self.task.loss)
+        self.reduce = Reducer([*self.reduce.declared.values(), *self.evaluator.metrics])  # + val_loss/<source>
 
     def restore(self, model: torch.nn.Module) -> None:
         """Build the engine from this run's newest checkpoint every rank verifies, else run.resume_from, else fresh."""
@@ -68,17 +71,14 @@ class Worker:
         """For hooks: commit a checkpoint at the end of this step."""
         self.checkpoint_requested = True
 
-    def stream(self, split: str, first_batch: int, num_batches: int, shuffle: bool):
+    def stream(self, first_batch: int, num_batches: int):
         c, e = self.cfg, self.engine
-        return RankStream(self.manifests, self.plan if split == "train" else self.val_plan, split, c.run.seed,
-                          shuffle, Split(c.train.global_batch, e.dp_size, c.train.micro_batch), e.dp_rank,
-                          c.data.prefetch_batches, c.data.image, c.data.audio).batches(first_batch, num_batches)
+        return RankStream(self.manifests, self.plan, "train", c.run.seed, True, Split(c.train.global_batch,
+                          e.dp_size, c.train.micro_batch), e.dp_rank, c.data.prefetch_batches, c.data.image,
+                          c.data.audio).batches(first_batch, num_batches)
 
-    def evaluate(self, val: list[dict]) -> dict:
-        """The mean over every validation sample: micro-batches weighted by their rows, as in training."""
-        total = sum(b["weight"] * self.engine.eval_step({k: v for k, v in b.items() if k != "weight"},
-                                                        self.task.loss)[0].item() for b in val) / len(val)
-        return self.reduce({"val_loss": total}, self.engine.device)
+    def evaluate(self, val: list[list[dict]]) -> dict:  # the mix by the weights in force at the tokens seen
+        return self.evaluator(val, self.plan.stage(self.state.step))
 
     def step(self, step: int, train: Timed, total_tokens: int, peak: float) -> dict:
         """One optimizer step; the record of what it did, reduced over the ranks."""
@@ -120,14 +120,14 @@ class Worker:
         if start >= steps:  # nothing to train; `end` still settles what it settles (the watchdog)
             self.hooks.fire("end", self)
             return
-        val = list(self.stream("val", 0, c.train.eval_batches, shuffle=False))
+        val = self.evaluator.batches()
         if start == 0:
             record = {"step": 0, "tokens_seen": 0, **self.evaluate(val),
                       **bad_records([s.name for s in c.data.mix()], self.manifests)}
             self.hooks.fire("evaluate", self, 0, record)
             self.hooks.fire("step_end", self, 0, record)
         peak = peak_flops(self.threads) * self.world
-        self.batches = train = Timed(self.stream("train", start, steps - start, shuffle=True))
+        self.batches = train = Timed(self.stream(start, steps - start))
         total_tokens = self.plan.tokens_before(steps)
         for step in range(start + 1, steps + 1):
             record = self.step(step, train, total_tokens, peak)

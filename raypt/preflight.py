@@ -177,20 +177,25 @@ def source_field(cfg: Any, i: int) -> str:
     return f"data.sources.{i}.path" if cfg.data.sources else "data.path"
 
 
+def prepared(field: str, path: str, remedy: str) -> dict:
+    """The manifest of the prepared dataset at `path`, else a ConfigError naming `field` and what to do."""
+    from raypt.data.manifest import read_manifest
+
+    try:
+        return read_manifest(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{field}: '{path}' holds no prepared dataset (manifest.json missing); {remedy}") from None
+    except storage.StorageError as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
 def check_data_path(cfg: Any) -> list[dict]:
     """Every source is prepared, readable and fits the task; returns the manifests, in mix order."""
-    from raypt.data.manifest import modality, read_manifest
+    from raypt.data.manifest import modality
     from raypt.tasks import MODALITIES
 
-    manifests = []
-    for i, source in enumerate(cfg.data.mix()):
-        try:
-            manifests.append(read_manifest(source.path))
-        except FileNotFoundError:
-            raise ConfigError(f"{source_field(cfg, i)}: '{source.path}' holds no prepared dataset (manifest.json "
-                              f"missing); create it with `raypt data prepare JOB`") from None
-        except storage.StorageError as e:
-            raise ConfigError(f"{source_field(cfg, i)}: {e}") from None
+    manifests = [prepared(source_field(cfg, i), source.path, "create it with `raypt data prepare JOB`")
+                 for i, source in enumerate(cfg.data.mix())]
     takes = MODALITIES[cfg.model.task]
     for i, m in enumerate(manifests):
         if modality(m) not in takes:
@@ -206,4 +211,27 @@ def check_data_path(cfg: Any) -> list[dict]:
     if len(vocabularies) > 1:
         raise ConfigError("data.sources: the text sources were tokenized with different tokenizers; prepare them "
                           "with data.sources.N.prepare.tokenizer set to one of them")
+    check_eval_sources(cfg, manifests)
     return manifests
+
+
+def check_eval_sources(cfg: Any, manifests: list[dict]) -> None:
+    """Every evaluation-only dataset answers, is prepared, and is data the mix's model reads as it reads the mix's
+    (`manifests`): a modality the mix has; text of its sequence length and tokenizer."""
+    from raypt.data.manifest import modality
+
+    have = {modality(m): m for m in manifests}  # one per modality: the mix's text sources agree (checked above)
+    for i, source in enumerate(cfg.data.eval_sources):
+        field = f"data.eval_sources.{i}.path"
+        reach(field, source.path)
+        m = prepared(field, source.path, "prepare it with `raypt data prepare` (in a job that trains on it)")
+        kind, mix = modality(m), have.get(modality(m))
+        if mix is None:
+            raise ConfigError(f"{field}: '{source.path}' holds {kind} data; an evaluation-only dataset must be of a "
+                              f"modality the mix trains on ({', '.join(sorted(have))})")
+        if kind == "text" and m["seq_len"] != mix["seq_len"]:
+            raise ConfigError(f"{field}: '{source.path}' packs sequences of {m['seq_len']} tokens; the mix's "
+                              f"text packs {mix['seq_len']} (prepare it with prepare.seq_len={mix['seq_len']})")
+        if kind == "text" and len({x["tokenizer_sha256"] for x in (m, mix) if "tokenizer_sha256" in x}) > 1:
+            raise ConfigError(f"{field}: '{source.path}' was tokenized with another tokenizer than the mix's text; "
+                              f"prepare it with prepare.tokenizer set to one of the mix's text sources")

@@ -1,6 +1,10 @@
-"""Mixed sources on the shared local Ray cluster: exact counts per global batch, staged weights, and a resume at the
-same or another world size that sees exactly the samples of the uninterrupted order."""
+"""Mixed sources on the shared local Ray cluster: exact counts per global batch, staged weights, per-source
+validation losses (and an evaluation-only dataset), and a resume at the same or another world size that sees
+exactly the samples of the uninterrupted order."""
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import pytest
@@ -40,7 +44,9 @@ def ids_by_step(folder: str) -> dict[int, list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, make_job, tiny_data, replay_data):
-    cfg = mixed(make_job, tiny_data, replay_data, "run.name=mix-reference")
+    # the replay data again, evaluated only: what a run measures forgetting on
+    cfg = mixed(make_job, tiny_data, replay_data, "run.name=mix-reference",
+                f"data.eval_sources=[{{name: old, path: {replay_data}}}]")
     return cfg, ids_by_step(train(cfg))
 
 
@@ -56,6 +62,20 @@ def test_each_global_batch_holds_the_exact_counts_of_its_stage(reference):
     for source in (0, 1):
         seen = [i for s in sorted(ids) for i in ids[s] if i >> SOURCE_BITS == source]
         assert len(seen) == len(set(seen)), "a sample of one source was repeated"
+
+
+def test_every_evaluation_reports_each_source_and_the_mix_at_the_weights_in_force(reference):
+    cfg, _ = reference
+    evaluations = {r["step"]: r for r in read_metrics(run_dir(cfg)) if "val_loss" in r}
+    assert sorted(evaluations) == [0, 4, 8]
+    weights = {0: (3, 1), 4: (1, 1), 8: (1, 1)}  # 768 tokens are seen from step 3 on
+    for step, r in evaluations.items():
+        (w_code, w_replay), losses = weights[step], (r["val_loss/code"], r["val_loss/replay"])
+        assert abs(r["val_loss"] - (w_code * losses[0] + w_replay * losses[1]) / (w_code + w_replay)) < 1e-6
+        assert abs(r["val_loss/old"] - r["val_loss/replay"]) < 1e-6  # the same held-out samples, never trained on
+    with open(os.path.join(run_dir(cfg), "summary.json")) as f:
+        summary = json.load(f)
+    assert all(summary[f"final_val_loss/{n}"] == evaluations[8][f"val_loss/{n}"] for n in ("code", "replay", "old"))
 
 
 def test_restart_on_two_workers_sees_the_uninterrupted_samples(reference, make_job, tiny_data, replay_data):

@@ -54,12 +54,24 @@ class StageConfig(Section):
                                       "keep their weight")
 
 
+class EvalSourceConfig(Section):
+    """A prepared dataset that is evaluated but never trained on (an earlier corpus, to measure forgetting)."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="names its metric val_loss/<name>; must differ from "
+                      "the mix's source names ('main' for data.path alone) and from the other evaluation sources")
+    path: Location = Field(description="a prepared dataset (its manifest.json), local or s3://, of a modality the mix "
+                           "trains on (text: the mix's tokenizer and seq_len); its validation split is read")
+
+
 class DataConfig(Section):
     """What a run reads and how its samples become inputs."""
     path: Location = Field("data/stdlib", validate_default=True, description="the prepared dataset of a run "
                            "without data.sources, local or s3://")
-    sources: list[SourceConfig] = Field(default_factory=list, description="a mix; empty = data.path alone")
+    sources: list[SourceConfig] = Field(default_factory=list, description="a mix; empty = data.path alone. Each "
+                                        "source reports val_loss/<name> on train.eval_batches batches of its own "
+                                        "validation split; val_loss is their mean weighted by the weights in force")
     stages: list[StageConfig] = Field(default_factory=list, description="weights that change at token counts")
+    eval_sources: list[EvalSourceConfig] = Field(default_factory=list, description="datasets only evaluated: each "
+                                                 "reports val_loss/<name>, outside the mixed val_loss and training")
     prefetch_batches: int = Field(4, ge=0, description="windows of decoded batches Ray Data reads ahead of each "
                                   "rank; 0 = no read-ahead")
     prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="how `data prepare` makes data.path")
@@ -76,6 +88,12 @@ class DataConfig(Section):
         if self.sources and not sum(s.weight for s in self.sources) > 0:
             raise ValueError("data.sources: at least one weight must be > 0")
         allowed = names or ["main"]
+        taken = set(allowed)
+        for i, source in enumerate(self.eval_sources):
+            if source.name in taken:
+                raise ValueError(f"data.eval_sources.{i}.name: got {source.name!r}, which another source already "
+                                 f"names; names must differ from the mix's ({allowed}) and from each other")
+            taken.add(source.name)
         last = 0
         for i, stage in enumerate(self.stages):
             unknown = sorted(set(stage.weights) - set(allowed))
@@ -92,6 +110,10 @@ class DataConfig(Section):
     def mix(self) -> list[SourceConfig]:
         """The sources of a run: `data.sources`, or `data.path` alone as the source 'main'."""
         return self.sources or [SourceConfig(name="main", path=self.path, prepare=self.prepare)]
+
+    def evaluated(self) -> list[str]:
+        """The names of every source a run evaluates (each reports val_loss/<name>): the mix's, then eval_sources'."""
+        return [s.name for s in [*self.mix(), *self.eval_sources]]
 
     def stage_weights(self) -> list[tuple[int, list[float]]]:
         """(at_tokens, weight per source) from the start, each stage naming only the weights it changes."""

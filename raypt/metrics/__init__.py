@@ -21,7 +21,8 @@ class Metric:
 # What the loop itself reports every step (val_loss at evaluations, checkpoint_s at checkpoints).
 CORE = (
     Metric("loss", "mean", "training loss of the step, averaged over its micro-batches and ranks"),
-    Metric("val_loss", "mean", "validation loss over train.eval_batches batches"),
+    Metric("val_loss", "mean", "validation loss of the mix: each source's val_loss/<source> weighted by the mix "
+           "weights in force at the step"),
     Metric("data_wait_s", "mean", "seconds a rank waited for its batches during the step"),
     Metric("lr", "rank0", "learning rate of the step"),
     Metric("tokens_seen", "rank0", "global tokens trained on after the step"),
@@ -32,6 +33,13 @@ CORE = (
     Metric("world_size", "rank0", "ranks in the worker group"),
     Metric("checkpoint_s", "rank0", "seconds training was held up by a checkpoint"),
 )
+
+
+def source_losses(names: list[str]) -> tuple[Metric, ...]:
+    """`val_loss/<name>` of each source a job evaluates (its mix, then its evaluation-only datasets): the job's
+    own names, so declared per job."""
+    return tuple(Metric(f"val_loss/{n}", "mean", f"validation loss of source {n} over train.eval_batches batches")
+                 for n in names)
 
 
 class Reducer:

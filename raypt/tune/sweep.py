@@ -211,10 +211,10 @@ def check_metric(sweep: SweepConfig, cfg: Any) -> None:
     """The sweep's metric must be one every trial reports (Tune refuses a result that lacks it)."""
     from raypt.engines import select
     from raypt.hooks import standard_hooks
-    from raypt.metrics import CORE
+    from raypt.metrics import CORE, source_losses
     from raypt.tasks import get_task
 
-    declared = [*CORE, *get_task(cfg.model.task).metrics, *select(cfg).metrics,
+    declared = [*CORE, *source_losses(cfg.data.evaluated()), *get_task(cfg.model.task).metrics, *select(cfg).metrics,
                 *standard_hooks(cfg, None, "", 0).metrics]
     names = sorted({m.name for m in declared})
     if sweep.metric not in names:
