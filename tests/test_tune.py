@@ -39,6 +39,8 @@ def job_file(make_job, tmp_path) -> str:
     ({"train.lr": {"grid": [1e-3]}}, {"metric": "val_acc"}, r"metric: got 'val_acc'.*runs report .*val_loss"),
     ({"train.lr": {"grid": [1e-3]}}, {"concurrency": 0}, r"concurrency: .*at least 1"),
     ({"train.lr": {"grid": [1e-3]}}, {"scheduler": {"name": "asha"}}, r"scheduler.*grace_period"),
+    ({}, {"variants": {"hot run": []}}, r"variants: .*'hot run'.*variant names are"),
+    ({}, {"variants": {"ok": [], "hot": ["train.lr=5"]}}, r"variants\.hot makes an invalid job.*train\.lr"),
 ])
 def test_bad_sweeps_fail_before_any_trial(tmp_path, job_file, search, extra, message):
     with pytest.raises(ConfigError, match="(?s)" + message):
@@ -56,6 +58,19 @@ def test_grid_points_must_combine_and_choices_resolve_paths(tmp_path, job_file, 
     sweep, job = load_sweep(write_sweep(tmp_path, job_file, search={"data.path": {"choice": [here]}}))
     space = check_trials(sweep, job)
     assert space["data.path"].categories == [os.path.abspath(here)]  # trials run in another directory
+
+
+def test_variants_cross_the_search_and_apply_their_overrides_first(tmp_path, job_file):
+    from raypt.tune.sweep import trial_raw
+
+    variants = {"rewarm-2x": ["train.lr=6e-3", "train.schedule.name=rewarm"], "flat": ["train.schedule=constant"]}
+    sweep, job = load_sweep(write_sweep(tmp_path, job_file, search={"train.lr": {"grid": [1e-3, 2e-3]}},
+                                        variants=variants))
+    space = check_trials(sweep, job)
+    assert sorted(space["variant"]["grid_search"]) == ["flat", "rewarm-2x"] and len(space["train.lr"]["grid_search"]) == 2
+    raw = trial_raw(job, {"variant": "rewarm-2x", "train.lr": 1e-3}, sweep.variants)
+    assert raw["train"]["lr"] == 1e-3 and raw["train"]["schedule"]["name"] == "rewarm"  # searched values win
+    assert trial_raw(job, {"variant": "flat"}, sweep.variants)["train"]["schedule"] == "constant"
 
 
 def test_impossible_concurrency_is_refused_with_what_fits(make_job):

@@ -12,6 +12,7 @@ import yaml
 
 from raypt import storage
 from raypt.tune.sweep import SweepConfig, value_at
+from raypt.tune.trial import VALUES
 
 STATUS = "trials.json"  # each trial's end as Tune saw it: finished, stopped early, failed
 
@@ -40,9 +41,11 @@ def trials(sweep: SweepConfig) -> list[dict]:
         records = [json.loads(line) for line in (_read(storage.join(folder, "metrics.jsonl")) or "").splitlines()]
         curve = [(r.get("tokens_seen", 0), r[sweep.metric]) for r in records if r.get(sweep.metric) is not None]
         summary = json.loads(_read(storage.join(folder, "summary.json")) or "{}")
+        drawn = json.loads(_read(storage.join(folder, VALUES)) or "{}")
         times = [r["time"] for r in records if "time" in r]
         rows.append({
-            "trial": name, **{k: value_at(job, k) for k in sweep.search},
+            "trial": name, **({"variant": drawn.get("variant")} if sweep.variants else {}),
+            **{k: value_at(job, k) for k in sweep.search},
             "step": max((r["step"] for r in records), default=0),
             "tokens": max((r.get("tokens_seen", 0) for r in records), default=0),
             f"final_{sweep.metric}": curve[-1][1] if curve else None,
@@ -106,7 +109,7 @@ def write_results(sweep: SweepConfig, base_job: dict, results: dict[str, Any]) -
         job = dict(winner["job"])
         job["run"] = {**job["run"], "name": f"{sweep.name}-best", "storage": base_job["run"]["storage"],
                       "group": base_job["run"].get("group")}
-        values = ", ".join(f"{k}={_cell(winner[k])}" for k in sweep.search)
+        values = ", ".join(f"{k}={_cell(winner[k])}" for k in sweep.space())
         header = (f"# The best trial of sweep {sweep.name} ({winner['trial']}: {values}; final {sweep.metric} "
                   f"{_cell(winner[f'final_{sweep.metric}'])}), as a job: raypt train best.yaml\n")
         storage.write_text(storage.join(sweep.folder, "best.yaml"), header + yaml.safe_dump(job, sort_keys=False))
@@ -122,7 +125,7 @@ def _plot(sweep: SweepConfig, rows: list[dict]) -> None:
     for r in rows:
         if r["curve"]:
             tokens, values = zip(*r["curve"])
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_cell(r[k])}" for k in sweep.search)
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_cell(r[k])}" for k in sweep.space())
             ax.plot(tokens, values, marker="o", markersize=3, label=f"{r['trial']}: {label} ({r['status']})")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel(sweep.metric)

@@ -112,7 +112,7 @@ def run_sweep(sweep: SweepConfig, job: dict) -> str:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, job=job, folder=sweep.folder, sweep=sweep.name,
                              env={k: v for k, v in os.environ.items() if k.startswith(TRACKER_ENV)},
-                             follow=sweep.scheduler.name == "pbt"), {"cpu": TRIAL_CPUS})
+                             follow=sweep.scheduler.name == "pbt", variants=sweep.variants), {"cpu": TRIAL_CPUS})
     fs, path = storage.resolve(sweep.folder)  # Tune's own state lives in the sweep folder too, under tune/
     if tune.Tuner.can_restore(f"{path}/tune", storage_filesystem=fs):
         print(f"[raypt] continuing sweep {sweep.name} from {sweep.folder}", file=console(), flush=True)

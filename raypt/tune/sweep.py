@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -106,6 +107,10 @@ class SweepConfig(Section):
     overrides: list[str] = Field(default_factory=list, description="dotted job overrides for every trial")
     search: dict[str, Distribution] = Field(description="dotted job key -> distribution; any job field, a whole "
                                             "schedule or a list of data sources included")
+    variants: dict[str, list[str]] = Field(default_factory=dict, description="named sets of dotted job overrides, "
+                                           "crossed with `search`: each trial runs one (a `variant` column in the "
+                                           "table). For arms that differ in several keys at once: a schedule with "
+                                           "its own peak LR, a data mix with replay; {} = none")
     num_samples: int = Field(1, ge=1, description="samples of the space (each grid point is run num_samples times)")
     metric: str = Field("val_loss", description="a metric every run reports, e.g. val_loss")
     mode: Literal["min", "max"] = Field("min", description="whether the metric is better low or high")
@@ -117,6 +122,20 @@ class SweepConfig(Section):
                                 "the trial's own latest checkpoint)")
     storage: Location = Field("sweeps", validate_default=True, description="folder or s3:// URI holding the sweep "
                               "folder: its trials' run folders and results")
+
+    @field_validator("variants")
+    @classmethod
+    def _named(cls, variants: dict[str, list[str]]) -> dict[str, list[str]]:
+        bad = [n for n in variants if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", n)]
+        if bad:
+            raise ValueError(f"got the name {bad[0]!r}; variant names are letters, digits and _.+- (they name "
+                             "trials in the table)")
+        return variants
+
+    def space(self) -> dict[str, Distribution]:
+        """The searched keys, with `variant` (a grid over the variants' names) when there are variants."""
+        variant = {"variant": Distribution(kind="grid", args=list(self.variants))} if self.variants else {}
+        return {**self.search, **variant}
 
     @field_validator("concurrency")
     @classmethod
@@ -135,6 +154,19 @@ def set_key(raw: dict, key: str, value: Any) -> None:
     from raypt.config import apply_override
 
     apply_override(raw, f"{key}={json.dumps(value)}")
+
+
+def trial_raw(job: dict, values: dict, variants: dict[str, list[str]]) -> dict:
+    """A trial's job dict: the base job, its variant's overrides (if any), then the searched values."""
+    from raypt.config import apply_override
+
+    raw = json.loads(json.dumps(job))
+    for override in variants.get(values.get("variant", ""), []):
+        apply_override(raw, override)
+    for key, value in values.items():
+        if key != "variant":
+            set_key(raw, key, value)
+    return raw
 
 
 def load_sweep(path: str, overrides: Optional[list[str]] = None) -> tuple[SweepConfig, dict]:
@@ -174,22 +206,21 @@ def check_trials(sweep: SweepConfig, job: dict) -> dict[str, Any]:
     from raypt import config
 
     def trial_job(values: dict) -> config.JobConfig:
-        raw = json.loads(json.dumps(job))
-        for key, value in values.items():
-            set_key(raw, key, value)
-        return config.from_dict(raw)
+        return config.from_dict(trial_raw(job, values, sweep.variants))
 
-    firsts = {k: d.corners()[0] for k, d in sweep.search.items()}
+    space = sweep.space()
+    firsts = {k: d.corners()[0] for k, d in space.items()}
     resolved: dict[str, list] = {}
-    for key, dist in sweep.search.items():
+    for key, dist in space.items():
         for value in dist.corners():
             try:
                 cfg = trial_job({**firsts, key: value})
             except ConfigError as e:
-                raise ConfigError(f"search.{key}: the value {value!r} makes an invalid job:\n  {e}") from None
-            resolved.setdefault(key, []).append(value_at(config.to_dict(cfg), key))
-    grids = [k for k, d in sweep.search.items() if d.kind == "grid"]
-    for point in itertools.product(*(sweep.search[k].args for k in grids)):  # grid values must also combine
+                where = f"variants.{value}" if key == "variant" else f"search.{key}: the value {value!r}"
+                raise ConfigError(f"{where} makes an invalid job:\n  {e}") from None
+            resolved.setdefault(key, []).append(value if key == "variant" else value_at(config.to_dict(cfg), key))
+    grids = [k for k, d in space.items() if d.kind == "grid"]
+    for point in itertools.product(*(space[k].args for k in grids)):  # grid values must also combine
         try:
             trial_job({**firsts, **dict(zip(grids, point))})
         except ConfigError as e:
@@ -197,7 +228,7 @@ def check_trials(sweep: SweepConfig, job: dict) -> dict[str, Any]:
                               f"  {e}") from None
     check_metric(sweep, trial_job(firsts))
     return {k: Distribution(kind=d.kind, args=resolved[k]).space() if d.kind in ("grid", "choice") else d.space()
-            for k, d in sweep.search.items()}
+            for k, d in space.items()}
 
 
 def value_at(tree: Any, key: str) -> Any:

@@ -10,10 +10,12 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
+from raypt import storage
 from raypt.hooks.base import Hook
 
+VALUES = "values.json"  # in a trial's run folder: its variant and searched values, as Tune drew them
 POINTER = "raypt_checkpoint.json"  # what a Tune checkpoint of a trial holds: which raypt checkpoint it stands for
 
 
@@ -22,14 +24,12 @@ def trial_name(trial: Any) -> str:
     return f"trial-{trial.trial_id.rsplit('_', 1)[-1]}"
 
 
-def trial_job(job: dict, values: dict, name: str, folder: str, sweep: str) -> Any:
-    """The trial's job: the base job with the searched values, run under the sweep folder."""
+def trial_job(job: dict, values: dict, name: str, folder: str, sweep: str, variants: dict[str, list[str]]) -> Any:
+    """The trial's job: the base job with its variant and searched values, run under the sweep folder."""
     from raypt import config
-    from raypt.tune.sweep import set_key
+    from raypt.tune.sweep import trial_raw
 
-    raw = json.loads(json.dumps(job))
-    for key, value in values.items():
-        set_key(raw, key, value)
+    raw = trial_raw(job, values, variants)
     raw["run"].update(name=name, storage=folder, group=sweep)
     return config.from_dict(raw)
 
@@ -131,7 +131,8 @@ def _report_followed(cfg: Any, sink: Any, fit: threading.Thread) -> None:
         time.sleep(0.2)
 
 
-def run_trial(params: dict, job: dict, folder: str, sweep: str, env: dict, follow: bool = False) -> None:
+def run_trial(params: dict, job: dict, folder: str, sweep: str, env: dict, follow: bool = False,
+              variants: Optional[dict[str, list[str]]] = None) -> None:
     """Tune's function trainable. A retried or resumed trial continues from its own latest checkpoint: its run
     folder keeps its name. Trials do not export models (`raypt export` works on any trial's folder). `env`: the
     sweep driver's tracker settings, which the trial's own metrics sink reads."""
@@ -142,7 +143,8 @@ def run_trial(params: dict, job: dict, folder: str, sweep: str, env: dict, follo
     from raypt import driver
 
     os.environ.update(env)
-    cfg = trial_job(job, params["values"], tune.get_context().get_trial_name(), folder, sweep)
+    cfg = trial_job(job, params["values"], tune.get_context().get_trial_name(), folder, sweep, variants or {})
+    storage.write_json(storage.join(folder, cfg.run.name, VALUES), params["values"])  # the table's variant column
     cfg, hooks = _continue_from_donor(cfg, params["values"]) if follow else (cfg, ())
     sink = driver.start(cfg)
     hooks = (*hooks, Pace(sink)) if follow else hooks
