@@ -67,7 +67,8 @@ def test_variants_cross_the_search_and_apply_their_overrides_first(tmp_path, job
     sweep, job = load_sweep(write_sweep(tmp_path, job_file, search={"train.lr": {"grid": [1e-3, 2e-3]}},
                                         variants=variants))
     space = check_trials(sweep, job)
-    assert sorted(space["variant"]["grid_search"]) == ["flat", "rewarm-2x"] and len(space["train.lr"]["grid_search"]) == 2
+    assert sorted(space["variant"]["grid_search"]) == ["flat", "rewarm-2x"]
+    assert len(space["train.lr"]["grid_search"]) == 2
     raw = trial_raw(job, {"variant": "rewarm-2x", "train.lr": 1e-3}, sweep.variants)
     assert raw["train"]["lr"] == 1e-3 and raw["train"]["schedule"]["name"] == "rewarm"  # searched values win
     assert trial_raw(job, {"variant": "flat"}, sweep.variants)["train"]["schedule"] == "constant"
