@@ -1,5 +1,5 @@
-"""`raypt` command line: train, tune, config show/explain, data prepare, submit, export, generate. User mistakes
-exit 2, with one message and no traceback."""
+"""`raypt` command line: train, tune, config show/explain, data prepare, submit, export, generate, plot. User
+mistakes exit 2, with one message and no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,14 @@ def parser() -> argparse.ArgumentParser:
     _job_args(tr)
     tr.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own output too (it always "
                     "goes to driver.log in the run folder)")
+    an = sub.add_parser("anneal", help="branch an anneal off a run on the infinite schedule: a new run folder "
+                        "(RUN-anneal-STEP) forked from RUN's newest checkpoint, its LR falling exponentially over "
+                        "--tokens; RUN itself, and runs continued from it, go on from the pre-anneal checkpoint")
+    an.add_argument("run_folder", metavar="RUN", help="the main run's folder (local or s3://)")
+    an.add_argument("overrides", nargs="*", help="dotted overrides of the branch's job, e.g. scaling.workers=1")
+    an.add_argument("--tokens", type=_at_least(1, float), required=True, help="global tokens the anneal lasts")
+    an.add_argument("--name", help="the branch's run.name (default: RUN's name + -anneal-STEP)")
+    an.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own output too")
     tu = sub.add_parser("tune", help="run (or continue) a sweep: `raypt tune SWEEP.yaml [overrides]`; "
                         "`raypt tune show SWEEP_DIR` prints its table")
     tu.add_argument("sweep", help="a sweep file, or `show`")
@@ -50,6 +58,14 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_at_least(1, int), default=80)
     gen.add_argument("--temperature", type=_at_least(0, float), default=0.8)
     gen.add_argument("--seed", type=_at_least(0, int), default=0)
+    pl = sub.add_parser("plot", help="`raypt plot schedule JOB [overrides]`: the job's LR (and every other schedule) "
+                        "against tokens; `raypt plot RUN [RUN ...] --metric KEY`: runs' curves (local or s3://)")
+    pl.add_argument("targets", nargs="+", metavar="RUN", help="run folders, or `schedule` then a job file and its "
+                    "overrides (a run folder named schedule: write ./schedule)")
+    pl.add_argument("--metric", help="with run folders: the metrics.jsonl key to draw, e.g. val_loss or lr")
+    pl.add_argument("--x", choices=["tokens_seen", "step"], help="with run folders: the x axis (default tokens_seen)")
+    pl.add_argument("--out", help="the PNG to write, local or s3:// (default: RUN_NAME-schedule.png or METRIC.png "
+                    "here)")
     return ap
 
 
@@ -113,26 +129,17 @@ def run(args: argparse.Namespace) -> int:
             note = preflight.resume_note(cfg)
         if note:
             print(f"raypt: note: {note}", file=sys.stderr)
-        from raypt.console import chatter_to
-        from raypt.driver import TrainingFailed, local_dir, train
+        return _train(cfg, args.verbose)
+    if args.command == "anneal":
+        preflight.ray_cluster(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+        from raypt.continual import anneal_branch
 
-        try:
-            with chatter_to(os.path.join(local_dir(cfg), "driver.log"), args.verbose):
-                try:
-                    folder = train(cfg)
-                finally:  # Ray forwards worker output late: disconnect while it still goes to the log
-                    import ray
-
-                    ray.shutdown()
-        except TrainingFailed as e:
-            print(f"raypt: {e}", file=sys.stderr)
-            return 1
-        summary = json.load(open(os.path.join(folder, "summary.json"))) if "://" not in folder else {}
-        if summary:
-            print(f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f}, "
-                  f"{summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.1%}")
-        print(f"run folder: {folder}")
-        return 0
+        cfg = anneal_branch(args.run_folder, args.tokens, args.name, args.overrides)
+        with storage.settings(cfg.s3.env()):
+            preflight.check_run(cfg)
+        print(f"raypt: anneal branch {cfg.run.name} from {cfg.run.resume_from} over {args.tokens:.0f} tokens "
+              f"(to step {cfg.train.steps})", file=sys.stderr)
+        return _train(cfg, args.verbose)
     if args.command == "tune":
         return _tune(args)
     if args.command == "export":
@@ -141,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         from raypt.submit import submit
 
         return submit(args.job, args.overrides, args.address, follow=not args.no_wait)
+    if args.command == "plot":
+        return _plot(args)
     if args.command == "generate":
         from raypt.generate import generate
 
@@ -148,6 +157,30 @@ def run(args: argparse.Namespace) -> int:
         print(generate(args.path, args.prompt, args.max_new_tokens, args.temperature, seed=args.seed))
         return 0
     return 2
+
+
+def _train(cfg: config.JobConfig, verbose: bool) -> int:
+    """Train a validated job on the console: its summary line and run folder, or the failure (exit 1)."""
+    from raypt.console import chatter_to
+    from raypt.driver import TrainingFailed, local_dir, train
+
+    try:
+        with chatter_to(os.path.join(local_dir(cfg), "driver.log"), verbose):
+            try:
+                folder = train(cfg)
+            finally:  # Ray forwards worker output late: disconnect while it still goes to the log
+                import ray
+
+                ray.shutdown()
+    except TrainingFailed as e:
+        print(f"raypt: {e}", file=sys.stderr)
+        return 1
+    summary = json.load(open(os.path.join(folder, "summary.json"))) if "://" not in folder else {}
+    if summary:
+        print(f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f}, "
+              f"{summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.1%}")
+    print(f"run folder: {folder}")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -159,6 +192,29 @@ def _export(args: argparse.Namespace) -> int:
 
     step, out = export_run(cfg, out)
     print(f"exported {step} to {out}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from raypt import plot  # matplotlib: only for this command
+
+    if args.targets[0] == "schedule":
+        if len(args.targets) < 2:
+            raise config.ConfigError("plot schedule: give a job file, e.g. raypt plot schedule jobs/quickstart.yaml")
+        if args.metric or args.x:
+            raise config.ConfigError("plot schedule: --metric and --x are for run folders; a job's schedules are "
+                                     "drawn against global tokens")
+        cfg = config.load(args.targets[1], args.targets[2:], check_data=False)  # plot_schedule reads the data
+        out = plot.plot_schedule(cfg, args.out or f"{cfg.run.name}-schedule.png")
+    else:
+        if not args.metric:
+            raise config.ConfigError("plot: --metric KEY is required with run folders, e.g. raypt plot runs/a "
+                                     "runs/b --metric val_loss (or `raypt plot schedule JOB`)")
+        for folder in args.targets:
+            preflight.reach("plot", folder)
+        out = plot.plot_runs(args.targets, args.metric, args.out or f"{args.metric.replace('/', '_')}.png",
+                             args.x or "tokens_seen")
+    print(f"wrote {config.absolute(out)}")
     return 0
 
 

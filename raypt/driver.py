@@ -21,6 +21,7 @@ import yaml
 from raypt import storage
 from raypt.config import ConfigError, JobConfig, to_dict, trajectory_diff
 from raypt.console import console
+from raypt.continual import check_extension
 from raypt.hooks.preemption import PREEMPTION_WATCHER
 
 # The embedded cluster exists only to train: workers run at normal priority (Ray's default niceness of 15
@@ -71,14 +72,16 @@ def use_gpu(cfg: JobConfig) -> bool:
 
 def check_resumable(cfg: JobConfig) -> Optional[str]:
     """The checkpoint an auto-resume would continue from, refused when another job wrote it (see
-    `JobConfig.trajectory` for what counts as the same job). Checkpoints from before the index carry only a
+    `JobConfig.trajectory` for what counts as the same job) or when another train.steps would bend its schedule
+    (`continual.check_extension`). Checkpoints from before the index carry only a
     digest of another scheme, so they resume as before."""
     from raypt.checkpoint import latest_good, read_state
 
     latest = latest_good(run_dir(cfg), log=lambda m: None)
     if latest is None:
         return None
-    saved = read_state(latest)[1].get("trajectory")
+    state, body = read_state(latest)
+    saved = body.get("trajectory")
     changed = trajectory_diff(saved, cfg.trajectory()) if saved is not None else []
     if changed:
         name = latest.rsplit("/", 1)[-1]
@@ -87,6 +90,7 @@ def check_resumable(cfg: JobConfig) -> Optional[str]:
             f"{', '.join(changed)}); to fork from it, give the run a new name and set "
             f"run.resume_from={latest}; to resume it, run it with its own settings "
             f"({storage.join(run_dir(cfg), CONFIG_FILE)})")
+    check_extension(cfg, latest, body.get("config") or {}, state.step)
     return latest
 
 

@@ -51,9 +51,9 @@ class Worker:
         self.reduce = Reducer([*self.reduce.declared.values(), *self.evaluator.metrics])  # + val_loss/<source>
 
     def restore(self, model: torch.nn.Module) -> None:
-        """Build the engine from this run's newest checkpoint every rank verifies, else run.resume_from, else fresh."""
+        """The engine from the newest checkpoint all ranks verify, else resume_from, else init_from's, else fresh."""
         say = self.note if self.rank == 0 else (lambda message: None)
-        with checkpoint.newest_verified(self.run_uri, self.cfg.run.resume_from, say) as reader:
+        with checkpoint.newest_verified(self.run_uri, self.cfg.run.resume_from, say, self.cfg.run.init_from) as reader:
             topology = Topology.data_parallel(self.world, self.rank)
             self.engine = select(self.cfg).build(model, self.cfg, topology, reader)
             self.state = reader.state if reader else checkpoint.TrainState()

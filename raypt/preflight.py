@@ -142,7 +142,38 @@ def check_run(cfg: Any) -> list[dict]:
             except CheckpointError as e:
                 raise ConfigError(f"run.resume_from: {e}; expected a checkpoint folder such as "
                                   f"runs/NAME/step000100") from None
-    return check_data_path(cfg)
+    manifests = check_data_path(cfg)
+    if cfg.run.init_from and not own_checkpoints(cfg):  # else the run's own checkpoints win, as for resume_from
+        check_init(cfg, manifests)
+    return manifests
+
+
+def check_init(cfg: Any, manifests: list[dict]) -> None:
+    """run.init_from holds a checkpoint or a Hugging Face folder whose parameters have this job's names and shapes
+    (the model is built on the meta device: no memory, no initialisation)."""
+    import torch
+
+    from raypt.checkpoint import CheckpointError
+    from raypt.checkpoint.init import check_shapes, holds_checkpoint, model_shapes, source_shapes
+    from raypt.tasks import by_modality, get_task
+
+    uri = cfg.run.init_from.path
+    reach("run.init_from.path", uri)
+    fs, path = storage.resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise ConfigError(f"run.init_from.path: '{uri}' is not a folder; expected a checkpoint folder such as "
+                          "runs/NAME/step000100 or a Hugging Face model folder")
+    try:
+        if cfg.run.init_from.optimizer == "keep" and not holds_checkpoint(uri):
+            raise CheckpointError(f"optimizer: keep, but '{uri}' is not a raypt checkpoint and so holds no "
+                                  "optimizer state; use optimizer: reset")
+        found = source_shapes(uri)
+        if found is not None:
+            with torch.device("meta"):
+                model = get_task(cfg.model.task)(cfg, by_modality(manifests)).construct()
+            check_shapes(model_shapes(model), found, uri)
+    except CheckpointError as e:
+        raise ConfigError(f"run.init_from: {e}") from None
 
 
 def resume_note(cfg: Any) -> Optional[str]:

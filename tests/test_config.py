@@ -162,7 +162,7 @@ def test_explain_lists_fields_with_types_bounds_defaults_and_meaning():
     for section in ("run:", "model:", "data.sources:", "data.image:", "train.schedule:", "scaling.workers:", "s3:"):
         assert f"\n{section}" in "\n" + whole
     assert "workers: int >= 1 or {min, max} = 2" in whole and "storage: path or URI = 'runs'" in whole
-    with pytest.raises(config.ConfigError, match="no section 'trian'; sections: run, model, data"):
+    with pytest.raises(config.ConfigError, match="no section 'trian'; sections: run, run.init_from, model, data"):
         config.explain("trian")
     proc = subprocess.run([sys.executable, "-m", "raypt", "config", "explain", "train.schedule"],
                           capture_output=True, text=True, check=True)

@@ -81,6 +81,8 @@ class Reader:
     """A committed checkpoint in a local folder, read by tensor name whatever the world size that wrote it.
     `origin`: where the folder was copied from, to name files in errors (the folder itself by default)."""
 
+    holds_optimizer = True  # Adam's moments and step counter are restored with the weights (see init.Initial)
+
     def __init__(self, directory: str, origin: Optional[str] = None):
         self.directory, self.origin = directory, origin or directory
         self.state, self.body = read_state(directory)

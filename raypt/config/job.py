@@ -22,7 +22,9 @@ TrackerName = Literal[tuple(TRACKERS)]  # `run.trackers`: the registry's names (
 
 class TrainConfig(Section):
     """Optimizer steps, batch sizes and the AdamW recipe."""
-    steps: int = Field(200, ge=1, description="optimizer steps in the run; a finished run given more resumes")
+    steps: int = Field(200, ge=1, description="optimizer steps in the run; a finished run given more resumes "
+                       "where its schedule's next value does not depend on the run's length (constant, infinite; "
+                       "a cosine is refused: see run.init_from)")
     global_batch: int = Field(16, ge=1, description="samples per optimizer step, whatever the world size")
     micro_batch: int = Field(8, ge=1, description="most samples per rank per forward/backward; each rank "
                              "takes global_batch / workers samples per step (one more on some ranks when that does "
@@ -125,6 +127,19 @@ class FaultsConfig(Section):
                          "never succeed (its retries must end in a clear failure)")
 
 
+class InitFrom(Section):
+    """A new run that starts from another model's weights: continual pre-training on new data. Unlike
+    run.resume_from (an exact fork) the step, token and sample counters and the data position start from 0, so the
+    schedule, the data mix and train.steps are this run's own."""
+    path: Location = Field(description="a raypt checkpoint folder (runs/NAME/stepNNNNNN: any world size, any ZeRO "
+                           "stage) or a Hugging Face model folder holding safetensors (a raypt export, or any folder "
+                           "whose tensors have this model's names and shapes), local or s3://")
+    optimizer: Literal["keep", "reset"] = Field("reset", description="keep = Adam's moments and step counter "
+                                                "(bias correction) from a raypt checkpoint, together; reset = a "
+                                                "fresh optimizer, the only choice for a Hugging Face folder, which "
+                                                "holds none")
+
+
 class RunConfig(Section):
     """The run's name, where it lives, its seed, and where its metrics go."""
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names the run folder; "
@@ -139,12 +154,28 @@ class RunConfig(Section):
                                             "when the run folder has none (checked before any cluster work); "
                                             "once the run has checkpoints of its own they win, and `raypt train` "
                                             "prints a note naming both; None = from scratch")
+    init_from: Optional[InitFrom] = Field(None, description="start a new run from a checkpoint's or a Hugging "
+                                          "Face folder's weights when the run folder has no checkpoint of its own "
+                                          "(a path, or {path, optimizer}); None = the task's fresh initialisation")
     trackers: list[TrackerName] = Field(["tensorboard"], description="where metrics go besides metrics.jsonl; "
                                         "servers, modes and credentials come from the environment only "
                                         "(MLFLOW_TRACKING_URI, WANDB_MODE, WANDB_API_KEY, ...)")
     group: Optional[str] = Field(None, min_length=1, description="runs that belong together, e.g. the trials of one "
                                  "sweep; trackers group by it (MLflow experiment name, W&B group); None = the run "
                                  "stands alone")
+
+    @field_validator("init_from", mode="before")
+    @classmethod
+    def _path_alone(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value  # `run.init_from=runs/a/step000100`
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "RunConfig":
+        if self.init_from is not None and self.resume_from is not None:
+            raise ValueError(f"run.init_from: set together with run.resume_from={self.resume_from}; resume_from "
+                             "continues a run exactly (step, tokens, optimizer, data position), init_from starts a "
+                             "new run from a model's weights: set one of them")
+        return self
 
     @field_validator("trackers")
     @classmethod

@@ -81,9 +81,12 @@ def rank_slots(plan: MixPlan, first_batch: int, num_batches: int, world: int, ra
     return np.concatenate(srcs), np.concatenate(positions)
 
 
-def plans(stage_weights: list[tuple[int, list[float]]], global_batch: int, tokens_per_sample: list[int]
-          ) -> tuple[MixPlan, MixPlan]:
-    """The training plan (every stage) and the validation plan (the first stage's weights throughout)."""
-    stages = [(at, np.array(w)) for at, w in stage_weights]
-    return (MixPlan(stages, global_batch, np.array(tokens_per_sample)),
-            MixPlan(stages[:1], global_batch, np.array(tokens_per_sample)))
+def job_plan(cfg, manifests: list[dict]) -> MixPlan:
+    """A job's training plan outside a worker (preflight, plots): each source's tokens per sample from the job's
+    task and the sources' manifests, in mix order, as the worker loop counts them."""
+    from raypt.data.manifest import modality
+    from raypt.tasks import by_modality, get_task
+
+    task = get_task(cfg.model.task)(cfg, by_modality(manifests))
+    tokens = [task.tokens_per_sample(modality(m)) for m in manifests]
+    return MixPlan(cfg.data.stage_weights(), cfg.train.global_batch, tokens)

@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from raypt.checkpoint.init import check_shapes, model_shapes
 from raypt.config import JobConfig
 from raypt.data.split import Split
 from raypt.engines.base import MOMENTS, PARAM, Batch, Engine, LossFn, Topology
@@ -102,7 +103,8 @@ class ZeroEngine(Engine):
         engine = cls(ds, topology, conf["gradient_accumulation_steps"])
         if restore is not None:
             engine._load_params(restore)
-            engine._load_optimizer(restore)
+            if restore.holds_optimizer:  # run.init_from with optimizer: reset starts Adam afresh
+                engine._load_optimizer(restore)
         return engine
 
     def train_step(self, batches: Iterator[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
@@ -224,6 +226,7 @@ class ZeroEngine(Engine):
         from deepspeed.utils import safe_set_full_fp32_param
 
         full, opt = restore.tensors(PARAM), self.ds.optimizer
+        check_shapes(model_shapes(self.ds.module), {k: tuple(v.shape) for k, v in full.items()}, restore.origin)
         for name, param in self.ds.module.named_parameters():
             if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank's partition of the masters
                 self._set_zero3_partition(param, full[name], None)

@@ -93,6 +93,11 @@ class ResumeNote(Hook):
 
         if reader is None or loop.rank != 0:
             return
+        if reader.state.world_size == 0:  # run.init_from: a new run on another model's weights (checkpoint.init)
+            kept = "kept" if reader.holds_optimizer else "reset"
+            loop.note(f"started from the weights of {reader.origin} (Adam's state {kept}; step, tokens and data "
+                      "position from 0)")
+            return
         loop.note(f"resumed from step {reader.state.step} ({reader.state.world_size} -> {loop.world} workers, "
                   f"{loop.engine.micro_batches} accumulation steps)")
         changed = trajectory_diff(reader.trajectory, loop.cfg.trajectory()) if reader.trajectory else []
