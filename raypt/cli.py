@@ -1,5 +1,5 @@
-"""`raypt` command line: train, tune, config show/explain, data prepare, submit, export, generate, plot. User
-mistakes exit 2, with one message and no traceback."""
+"""`raypt` command line: train, tune, config show/explain, data prepare, submit, export, generate, plot,
+fit-scaling. User mistakes exit 2, with one message and no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--x", choices=["tokens_seen", "step"], help="with run folders: the x axis (default tokens_seen)")
     pl.add_argument("--out", help="the PNG to write, local or s3:// (default: RUN_NAME-schedule.png or METRIC.png "
                     "here)")
+    fs = sub.add_parser("fit-scaling", help="fit L(N_avg) = E + A/N_avg^alpha (one token budget) or + B/D^beta "
+                        "(several) to finished runs, with bootstrap intervals; a PNG of the fit")
+    fs.add_argument("paths", nargs="+", metavar="PATH", help="run folders or sweep folders (local or s3://)")
+    fs.add_argument("--metric", default="val_loss", help="the metrics.jsonl key to fit (its last value per run)")
+    fs.add_argument("--out", default="fit-scaling.png", help="the PNG to write, local or s3://")
     return ap
 
 
@@ -150,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         return submit(args.job, args.overrides, args.address, follow=not args.no_wait)
     if args.command == "plot":
         return _plot(args)
+    if args.command == "fit-scaling":
+        return _fit_scaling(args)
     if args.command == "generate":
         from raypt.generate import generate
 
@@ -215,6 +222,25 @@ def _plot(args: argparse.Namespace) -> int:
         out = plot.plot_runs(args.targets, args.metric, args.out or f"{args.metric.replace('/', '_')}.png",
                              args.x or "tokens_seen")
     print(f"wrote {config.absolute(out)}")
+    return 0
+
+
+def _fit_scaling(args: argparse.Namespace) -> int:
+    from raypt import scaling  # scipy and matplotlib: only for this command
+
+    for path in args.paths:
+        preflight.reach("fit-scaling", path)
+    pts = scaling.points(args.paths, args.metric)
+    for p in pts:
+        print(f"{p.name}: D {p.tokens:.4g}, N_avg {p.n_avg:.4g}, {args.metric} {p.loss:.4f}, "
+              f"{'sparse' if p.sparse else 'dense'}")
+    result = scaling.fit(pts)
+    print(f"{result.formula()}  ({len(pts)} runs, {result.budgets} token budget{'s' if result.budgets > 1 else ''}; "
+          f"{scaling.LEVEL:.0%} intervals from {result.resamples} bootstrap resamples of the runs)")
+    for name, value in result.constants.items():
+        low, high = result.intervals[name]
+        print(f"  {name} = {value:.4g}  [{low:.4g}, {high:.4g}]")
+    print(f"wrote {config.absolute(scaling.plot_fit(pts, result, args.out, args.metric))}")
     return 0
 
 

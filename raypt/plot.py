@@ -58,7 +58,7 @@ def token_plan(cfg: JobConfig) -> MixPlan:
 def schedule_figure(cfg: JobConfig) -> Figure:
     """One panel per schedule field: its value at every step (or MAX_POINTS of them) against the global tokens
     after that step, exactly as the loop sets it (the `lr` of metrics.jsonl)."""
-    plt = _pyplot()
+    plt = pyplot()
     plan, steps = token_plan(cfg), cfg.train.steps
     total = plan.tokens_before(steps)
     at = np.unique(np.linspace(1, steps, min(steps, MAX_POINTS)).round().astype(int))
@@ -85,7 +85,7 @@ def schedule_figure(cfg: JobConfig) -> Figure:
 
 def plot_schedule(cfg: JobConfig, out: str) -> str:
     """Write the job's schedules (schedule_figure) to `out` (local or s3://); the path written."""
-    return _save(schedule_figure(cfg), out)
+    return save_png(schedule_figure(cfg), out)
 
 
 def read_records(folder: str) -> list[dict]:
@@ -123,7 +123,7 @@ def runs_figure(folders: list[str], metric: str, x: str = "tokens_seen") -> Figu
     if not curves:
         raise ConfigError(f"--metric: got {metric!r}, which no record of {', '.join(folders)} has; expected one "
                           f"of {', '.join(sorted(keys)) or '(no records yet)'}")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for folder, points in curves.items():
         xs, ys = zip(*points)
@@ -138,7 +138,7 @@ def runs_figure(folders: list[str], metric: str, x: str = "tokens_seen") -> Figu
 
 def plot_runs(folders: list[str], metric: str, out: str, x: str = "tokens_seen") -> str:
     """Write `metric` of every run (runs_figure) to `out` (local or s3://); the path written."""
-    return _save(runs_figure(folders, metric, x), out)
+    return save_png(runs_figure(folders, metric, x), out)
 
 
 def _number(value: Any) -> bool:
@@ -146,7 +146,8 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (the figures of plot, fit-scaling and sweep curves)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: clusters and CI have no display
@@ -155,10 +156,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Figure, out: str) -> str:
+def save_png(fig: Figure, out: str) -> str:
+    """Write a figure as a PNG to a local path or s3:// URI, and close it; the path written."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     fs, path = storage.resolve(out)
     try:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
