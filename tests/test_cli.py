@@ -54,6 +54,8 @@ CASES = [
     (["config", "show", MULTIMODAL, "data.sources.3.path=x"], {}, 2, ["data.sources.3.path", "'3' is not an index",
                                                                      "3 items"]),
     (["config", "explain", "nosuch"], {}, 2, ["no section 'nosuch'", "sections: run, run.init_from, model"]),
+    (["anneal", "{tmp}/nope", "--tokens", "100"], {}, 2, ["RUN: '{tmp}/nope' holds no config.yaml"]),
+    (["anneal", "{tmp}/nope"], {}, 2, ["arguments are required: --tokens"]),
     (["train", QUICKSTART], {}, 2, ["data.path", "{tmp}/data/stdlib", "holds no prepared dataset"]),
     (["train", QUICKSTART, "data.path={data}", "run.storage={tmp}/a-file"], {}, 2,
      ["run.storage", "a-file' is a file; expected a folder"]),

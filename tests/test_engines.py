@@ -97,6 +97,22 @@ def test_checkpoint_resumes_at_another_world_size_and_stage_with_hook_state(save
             assert probe["tensors"] == {"mask": [i % 3 == 0 for i in range(10)], "counts": [7, 8, 9]}
 
 
+def offload_or_not(rank: int, world: int, out_dir: str) -> dict:
+    """The same steps with the optimizer in device memory and offloaded to CPU (DeepSpeed's CPU Adam), ZeRO-2
+    and 3 (ZeRO-3 offloads the parameters too)."""
+    return {f"{stage}-{offload}": train(*build(job(stage, offload), world, rank), range(1, 5))
+            for stage in (2, 3) for offload in ("none", "cpu")}
+
+
+@pytest.mark.slow
+def test_cpu_offload_trains_like_the_resident_optimizer(tmp_path):
+    got = run_group(2, offload_or_not, str(tmp_path))[0]
+    for stage in (2, 3):
+        resident, offloaded = got[f"{stage}-none"], got[f"{stage}-cpu"]
+        assert abs(resident[0] - offloaded[0]) <= 1e-5  # the same weights before the first update
+        assert max(abs(a - b) for a, b in zip(resident, offloaded)) <= 1e-3  # CPU Adam vs torch's AdamW
+
+
 def load_format_1(rank: int, world: int, out_dir: str) -> dict:
     """The kept checkpoint from before the index: every tensor reaches the engine exactly."""
     from raypt.checkpoint import Reader

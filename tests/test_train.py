@@ -20,9 +20,10 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def zero_runs(ray_cluster, make_job):
-    """The same 2-worker job under ZeRO 0, 1, 2 and 3 from one seed."""
+    """The same 2-worker job under ZeRO 0 and 3 from one seed: the extremes on the real stack (the gloo tier
+    compares all four stages, and CPU offload, at 1 to 4 ranks)."""
     runs = {}
-    for stage in (0, 1, 2, 3):
+    for stage in (0, 3):
         cfg = make_job(f"run.name=zero{stage}", f"deepspeed.zero_stage={stage}", f"train.steps={STEPS}")
         runs[stage] = (cfg, train(cfg))
     return runs
@@ -36,13 +37,12 @@ def test_zero_stages_give_the_same_losses(zero_runs):
     reference = losses(zero_runs[0][1])
     assert len(reference) == STEPS
     assert reference[-1] < reference[0]
-    for stage in (1, 2, 3):
-        other = losses(zero_runs[stage][1])
-        assert max(abs(a - b) for a, b in zip(reference, other)) <= 1e-4, (stage, reference, other)
+    other = losses(zero_runs[3][1])
+    assert max(abs(a - b) for a, b in zip(reference, other)) <= 1e-4, (reference, other)
 
 
 def test_run_folder_holds_metrics_summary_tensorboard_checkpoints(zero_runs):
-    cfg, folder = zero_runs[2]
+    cfg, folder = zero_runs[3]
     records = read_metrics(folder)
     assert [r["step"] for r in records] == list(range(STEPS + 1))
     for key in ("loss", "lr", "tokens_seen", "tokens_per_s", "mfu", "step_time_s", "data_wait_s"):
@@ -86,7 +86,7 @@ def test_export_loads_in_transformers_alone_with_equal_logits(zero_runs, tmp_pat
 
 
 def test_generate_prints_a_continuation(zero_runs):
-    folder = zero_runs[2][1]
+    folder = zero_runs[3][1]
     proc = subprocess.run([sys.executable, "-m", "raypt", "generate", folder, "import os", "--max-new-tokens", "12"],
                           capture_output=True, text=True, check=True)
     assert proc.stdout.startswith("import os") and len(proc.stdout.strip()) > len("import os")
@@ -133,10 +133,9 @@ def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, make_job, tmp_path
     assert records[-1]["val_loss"] < records[0]["val_loss"]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_cpu_offload_trains_like_the_resident_optimizer(zero_runs, make_job, stage):
-    cfg = make_job(f"run.name=offload{stage}", f"deepspeed.zero_stage={stage}", "deepspeed.offload=cpu",
-                   f"train.steps={STEPS}")
-    got, reference = losses(train(cfg)), losses(zero_runs[stage][1])
+def test_cpu_offload_trains_like_the_resident_optimizer(zero_runs, make_job):
+    """ZeRO-3 with parameters and optimizer offloaded, through Ray (the gloo tier covers ZeRO-2's offload)."""
+    cfg = make_job("run.name=offload3", "deepspeed.zero_stage=3", "deepspeed.offload=cpu", f"train.steps={STEPS}")
+    got, reference = losses(train(cfg)), losses(zero_runs[3][1])
     assert abs(got[0] - reference[0]) <= 1e-5  # same weights before the first update
     assert max(abs(a - b) for a, b in zip(got, reference)) <= 1e-3  # DeepSpeed's CPU Adam vs torch's AdamW
