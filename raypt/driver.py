@@ -182,6 +182,7 @@ def summarize(records: list[dict], wall_s: float) -> dict:
         "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed) if timed else None,
         "mfu": sum(r["mfu"] for r in timed) / len(timed) if timed else None,
         "data_wait_fraction": sum(r["data_wait_s"] for r in timed) / step_time if step_time else None,
+        **{k: steps[-1][k] for k in ("density", "nonzero_params", "n_avg") if steps and k in steps[-1]},
         "wall_s": wall_s,
     }
 
@@ -189,9 +190,10 @@ def summarize(records: list[dict], wall_s: float) -> dict:
 def finish(cfg: JobConfig, error: Optional[Exception], wall_s: float, export: bool = True) -> str:
     """Export the latest good checkpoint (unless told not to: sweep trials), write summary.json, mirror the run
     files; the run folder."""
-    from raypt.checkpoint import latest_good, list_checkpoints, local_copy
+    from raypt.checkpoint import Reader, latest_good, list_checkpoints, local_copy
     from raypt.data.manifest import bad_records, read_manifest
     from raypt.export import export as export_to
+    from raypt.hooks.pruning import Pruning, sparsity_by_tensor
     from raypt.metrics.sink import read_metrics
 
     folder, local = run_dir(cfg), local_dir(cfg)
@@ -207,13 +209,17 @@ def finish(cfg: JobConfig, error: Optional[Exception], wall_s: float, export: bo
         raise failed
     if latest is None:
         raise TrainingFailed(f"run {cfg.run.name} ended without a good checkpoint; run folder: {folder}")
-    if export:
+    pruned = {}
+    if export or cfg.sparsity.final > 0:
         with local_copy(latest) as ckpt:
-            export_to(ckpt, cfg, os.path.join(local, "export"))
+            if export:
+                export_to(ckpt, cfg, os.path.join(local, "export"))
+            if cfg.sparsity.final > 0:  # each pruned tensor's final share of zeros, from the checkpoint's masks
+                pruned = {"sparsity_by_tensor": sparsity_by_tensor(Reader(ckpt).hook_tensors(Pruning.name))}
     sources = cfg.data.mix()
     skipped = bad_records([s.name for s in sources], [read_manifest(s.path) for s in sources], detail=True)
     summary = {"run": cfg.run.name, **summarize(read_metrics(local), wall_s), "checkpoint": latest,
-               **({"export": storage.join(folder, "export")} if export else {}), **skipped}
+               **({"export": storage.join(folder, "export")} if export else {}), **skipped, **pruned}
     with open(os.path.join(local, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if local != folder:

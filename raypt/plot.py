@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 # What a schedule field's values are called and what scales them. A schedule field not listed here still gets a
 # panel, under its dotted key, as a share of its peak (1.0).
-PEAKS: dict[str, tuple[str, Callable[[JobConfig], float]]] = {"train.schedule": ("lr", lambda cfg: cfg.train.lr)}
+PEAKS: dict[str, tuple[str, Callable[[JobConfig], float]]] = {"train.schedule": ("lr", lambda cfg: cfg.train.lr),
+                                                               "sparsity.schedule": ("sparsity",
+                                                                                     lambda cfg: cfg.sparsity.final)}
 MAX_POINTS = 20_000  # steps drawn per curve: enough to show a warm-up of 0.01% of the run, cheap for any length
 X_KEYS = ("tokens_seen", "step")
 METRICS = "metrics.jsonl"  # raypt.metrics.sink's file; not imported from there, which would import Ray

@@ -145,6 +145,7 @@ def check_run(cfg: Any) -> list[dict]:
     manifests = check_data_path(cfg)
     if cfg.run.init_from and not own_checkpoints(cfg):  # else the run's own checkpoints win, as for resume_from
         check_init(cfg, manifests)
+    check_sparsity(cfg, manifests)
     return manifests
 
 
@@ -174,6 +175,26 @@ def check_init(cfg: Any, manifests: list[dict]) -> None:
             check_shapes(model_shapes(model), found, uri)
     except CheckpointError as e:
         raise ConfigError(f"run.init_from: {e}") from None
+
+
+def check_sparsity(cfg: Any, manifests: list[dict]) -> None:
+    """A pruned run's window fits its length (a share against a token count needs the run's tokens) and each of
+    sparsity.exclude matches a prunable weight (the model is built on the meta device)."""
+    if cfg.sparsity.final == 0:
+        return
+    import torch
+
+    from raypt.data.mix import job_plan
+    from raypt.sparsity.select import prunable
+    from raypt.tasks import by_modality, get_task
+
+    try:
+        cfg.sparsity.schedule.window(job_plan(cfg, manifests).tokens_before(cfg.train.steps))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    with torch.device("meta"):
+        model = get_task(cfg.model.task)(cfg, by_modality(manifests)).construct()
+    prunable(model, cfg.sparsity)
 
 
 def resume_note(cfg: Any) -> Optional[str]:

@@ -11,6 +11,7 @@ from raypt.config.data import DataConfig
 from raypt.metrics.trackers import TRACKERS
 from raypt.schedules import ScheduleUnion
 from raypt.schema import Location, Section
+from raypt.sparsity.config import SparsityConfig
 from raypt.tasks import TaskConfigUnion
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -213,6 +214,8 @@ class JobConfig(Section):
     failure: FailureConfig = Field(default_factory=FailureConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     s3: S3Config = Field(default_factory=S3Config)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig, description="gradual magnitude pruning; "
+                                     "final = 0 (the default) trains dense")
 
     @model_validator(mode="after")
     def _batch_covers_ranks(self) -> "JobConfig":
@@ -243,6 +246,7 @@ class JobConfig(Section):
         - all of `train` except `steps` (a finished run given more steps is the same run), `eval_every` and
           `eval_batches` (evaluation only reads), and `on_nonfinite` (a run stopped at a NaN resumes with skip);
         - `run.seed` (weights, data order, augmentations, masks);
+        - `sparsity`, when it prunes (final > 0);
         - of `data`: each source's `name` and `weight` in mix order (`main` for a run on data.path alone), not its
           path: the same data moved to another machine or bucket is the same run; `data.stages`; and `data.image`
           and `data.audio` (what the model sees of each sample).
@@ -255,8 +259,10 @@ class JobConfig(Section):
         train = self.train.model_dump(mode="json", exclude=UNSHAPING_TRAIN)
         data = self.data.model_dump(mode="json", include={"stages", "image", "audio"})
         data["sources"] = [{"name": s.name, "weight": s.weight} for s in self.data.mix()]
+        # Sparsity shapes a pruned run only: a dense run's trajectory (and so older checkpoints' digests) is as it was.
+        sparse = {"sparsity": self.sparsity.model_dump(mode="json")} if self.sparsity.final > 0 else {}
         return {"model": self.model.model_dump(mode="json"), "train": train, "run": {"seed": self.run.seed},
-                "data": data}
+                "data": data, **sparse}
 
     def digest(self) -> str:
         """A short hash of trajectory(), stored in checkpoints."""

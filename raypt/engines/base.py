@@ -6,6 +6,7 @@ says "world size" where it means data parallelism: it asks the engine for `dp_ra
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Optional
@@ -22,6 +23,25 @@ Batch = dict  # name -> tensor, as the data stream yields it; train batches carr
 LossFn = Callable[["torch.nn.Module", Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 PARAM, MOMENTS = "param", ("exp_avg", "exp_avg_sq")  # the kinds of per-parameter state a checkpoint holds
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What this rank holds of one parameter, as writable flat views: its fp32 master slice (full elements
+    [start, start + master.numel()) of the flattened parameter), Adam's moments over the same slice (empty before
+    Adam's first step), and each copy the forward reads, with the full flat index its view begins at (the whole
+    replicated parameter under ZeRO 0-2, the same slice under ZeRO-3 plus the gathered parameter where ZeRO-3
+    keeps it gathered; the master itself in fp32 ZeRO-0)."""
+    name: str
+    shape: tuple[int, ...]  # of the full parameter
+    start: int
+    master: "torch.Tensor"
+    moments: "tuple[torch.Tensor, ...]"
+    working: "tuple[tuple[torch.Tensor, int], ...]"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,17 @@ class Engine(ABC):
     def state_tensors(self) -> Iterator[tuple[str, int, Optional["torch.Tensor"]]]:
         """Collective: every rank walks the same keys (`param/NAME`, `exp_avg/NAME`, `exp_avg_sq/NAME`) and gets
         (key, owner rank, full fp32 tensor) where it is the owner, (key, owner, None) elsewhere."""
+
+    @property
+    def shards_masters(self) -> bool:
+        """Whether the fp32 masters are split over the data-parallel ranks (else every rank holds them all)."""
+        return True
+
+    def shards(self) -> Iterator[Shard]:
+        """This rank's views of every trainable parameter, in `named_parameters` order; writing them edits the
+        engine's state in place (masking, pruning). The step copied the masters into the working copy, so whoever
+        edits a master edits the working copy the same way."""
+        raise NotImplementedError(f"the {self.name} engine does not expose its parameters' local state")
 
     def local_to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

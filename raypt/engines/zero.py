@@ -11,7 +11,7 @@ import torch
 from raypt.checkpoint.init import check_shapes, model_shapes
 from raypt.config import JobConfig
 from raypt.data.split import Split
-from raypt.engines.base import MOMENTS, PARAM, Batch, Engine, LossFn, Topology
+from raypt.engines.base import MOMENTS, PARAM, Batch, Engine, LossFn, Shard, Topology
 from raypt.engines.device import accelerator, precision
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,47 @@ class ZeroEngine(Engine):
                     value = param.data if kind == PARAM else base.state[param][kind]
                 owner = i % world
                 yield f"{kind}/{name}", owner, value.detach().float().cpu().contiguous() if owner == rank else None
+
+    @property
+    def shards_masters(self) -> bool:
+        return any(hasattr(p, "ds_tensor") or hasattr(p, "_hp_mapping") for p in self.ds.module.parameters())
+
+    def shards(self) -> Iterator[Shard]:
+        """ZeRO-3: this rank's partition of the masters, moments and working copy (views into the flat fp32
+        sub-groups, also where they are offloaded to the CPU); ZeRO-1/2 and bf16: this rank's fp32 fragment and
+        its linked moments, with the whole replicated working copy; fp32 ZeRO-0: the module's own tensors."""
+        opt, base = self.ds.optimizer, self._base()
+        self._link()
+        for name, param in self.ds.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if hasattr(param, "ds_tensor"):
+                size = param.ds_tensor.numel()
+                start = self.topology.dp_rank * size
+                valid = max(0, min(size, param.ds_numel - start))  # the last partition is zero-padded
+                master, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+                held = opt.fp32_partitioned_groups_flat[group] in base.state
+                moments = tuple(opt._get_fp32_opt_state_partition(param, False, kind)[0][:valid]
+                                for kind in MOMENTS) if held else ()
+                working = ((param.ds_tensor.data.view(-1)[:valid], start),)
+                if param.data.numel() == param.ds_numel:  # also gathered: persistent (small) or in use
+                    working += ((param.data.view(-1), 0),)
+                yield Shard(name, tuple(param.ds_shape), start, master[:valid], moments, working)
+            elif hasattr(param, "_hp_mapping"):
+                mapping, working = param._hp_mapping, param.data.view(-1)
+                if mapping is None:  # no fragment of this parameter in this rank's partition
+                    yield Shard(name, tuple(param.shape), 0, working[:0], (), ((working, 0),))
+                    continue
+                fragments = mapping.optim_fragment or {}
+                moments = tuple(fragments[kind] for kind in MOMENTS) if MOMENTS[0] in fragments else ()
+                yield Shard(name, tuple(param.shape), mapping.lp_fragment_address.start, mapping.hp_fragment,
+                            moments, ((working, 0),))
+            else:
+                if hasattr(opt, "refresh_fp32_params"):  # fp16 without ZeRO keeps its masters out of reach here
+                    raise NotImplementedError("sparsity needs ZeRO (deepspeed.zero_stage >= 1) with fp16")
+                state, flat = base.state.get(param, {}), param.data.view(-1)
+                moments = tuple(state[kind].view(-1) for kind in MOMENTS) if MOMENTS[0] in state else ()
+                yield Shard(name, tuple(param.shape), 0, flat, moments, ((flat, 0),))
 
     def _adam_keys(self) -> list[torch.Tensor]:
         """The tensors Adam keys its state on: ZeRO's flat fp32 partitions, or the module's own parameters."""

@@ -8,19 +8,21 @@ from raypt.hooks.faults import Faults
 from raypt.hooks.loss_scale import LossScale
 from raypt.hooks.nonfinite import NonFinite
 from raypt.hooks.preemption import Preemption
+from raypt.hooks.pruning import Pruning
 from raypt.hooks.report import RayReport, ResumeNote, SampleAudit, SinkReport
 from raypt.hooks.watchdog import Watchdog
 
 
 def standard_hooks(cfg: Any, sink: Optional[Any], run_uri: str, rank: int, extra: tuple = ()) -> Hooks:
-    """Fault drills, the step watchdog, the non-finite-loss policy, fp16's loss scale, the metrics sink (rank 0,
-    when there is one), reports to Ray, preemption; then `extra`
+    """Fault drills, the step watchdog, the non-finite-loss policy, fp16's loss scale, pruning (its metrics in
+    dense runs too), the metrics sink (rank 0, when there is one), reports to Ray, preemption; then `extra`
     (hooks a caller of the driver's build step adds, e.g. `(hook, every)` pairs or hooks)."""
     hooks = Hooks()
     hooks.add(Faults(cfg.faults, run_uri, rank))
     hooks.add(Watchdog(cfg.failure.step_timeout_s, rank))
     hooks.add(NonFinite(cfg.train.on_nonfinite, run_uri, rank))
     hooks.add(LossScale())
+    hooks.add(Pruning(cfg.sparsity))  # before the reports: its metrics join the step's record
     if cfg.run.log_sample_ids:
         hooks.add(SampleAudit())
     if sink is not None and rank == 0:

@@ -10,10 +10,11 @@ from raypt.schedules import rewarm  # noqa: F401
 from raypt.schedules import wsd  # noqa: F401
 from raypt.schedules import inverse_sqrt  # noqa: F401
 from raypt.schedules import infinite  # noqa: F401
+from raypt.schedules import sparsity  # noqa: F401  (the pruned share of weights: sparsity.schedule)
 from raypt.schedules.base import SCHEDULES, Schedule, register
 from raypt.schema import tagged_union
 
-# The type of a schedule field: the registered schedule whose `name` the job gives, cosine when it gives none.
-ScheduleUnion = tagged_union(SCHEDULES, "name", default="cosine")
+# The type of an LR schedule field: the registered schedule whose `name` the job gives, cosine when it gives none.
+ScheduleUnion = tagged_union({n: s for n, s in SCHEDULES.items() if s.kind == "lr"}, "name", default="cosine")
 
 __all__ = ["SCHEDULES", "Schedule", "ScheduleUnion", "register"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Optional, TypeVar
+from typing import ClassVar, Optional, TypeVar
 
 from pydantic_core import PydanticCustomError
 
@@ -13,6 +13,7 @@ from raypt.schema import Section
 class Schedule(Section):
     """`name` picks the schedule (each subclass declares `name: Literal["its name"]`); its other fields shape it."""
     name: str
+    kind: ClassVar[str] = "lr"  # what its value is: a schedule field offers the schedules of its own kind
 
     @abstractmethod
     def value(self, tokens: float, total_tokens: float, peak: float) -> float:
