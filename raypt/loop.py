@@ -20,7 +20,7 @@ from raypt.engines import Topology, select
 from raypt.engines.device import accelerator, keep_host_memory
 from raypt.evaluation import Evaluator
 from raypt.hooks import preemption, standard_hooks
-from raypt.metrics import CORE, Reducer
+from raypt.metrics import CORE, Reducer, source_losses
 from raypt.metrics.flops import peak_flops
 from raypt.tasks import by_modality, get_task
 
@@ -48,7 +48,6 @@ class Worker:
         self.plan = MixPlan(cfg.data.stage_weights(), cfg.train.global_batch, tokens)
         self.restore(model)
         self.evaluator = Evaluator(cfg, self.manifests, self.engine, self.task.loss)
-        self.reduce = Reducer([*self.reduce.declared.values(), *self.evaluator.metrics])  # + val_loss/<source>
 
     def restore(self, model: torch.nn.Module) -> None:
         """The engine from the newest checkpoint all ranks verify, else resume_from, else init_from's, else fresh."""
@@ -57,7 +56,8 @@ class Worker:
             topology = Topology.data_parallel(self.world, self.rank)
             self.engine = select(self.cfg).build(model, self.cfg, topology, reader)
             self.state = reader.state if reader else checkpoint.TrainState()
-            self.reduce = Reducer([*CORE, *self.task.metrics, *self.engine.metrics, *self.hooks.metrics])
+            self.reduce = Reducer([*CORE, *source_losses(self.cfg.data.evaluated()), *self.task.metrics,
+                                   *self.engine.metrics, *self.hooks.metrics])
             self.hooks.start(self, reader)  # before the state takes this run's world size: hooks may say both
             self.state.world_size, self.state.config_digest = self.world, self.cfg.digest()
 

@@ -116,12 +116,9 @@ def write_results(sweep: SweepConfig, base_job: dict, results: dict[str, Any]) -
 
 
 def _plot(sweep: SweepConfig, rows: list[dict]) -> None:
-    import matplotlib
+    from raypt.plot import pyplot, save_png
 
-    matplotlib.use("Agg")  # headless: clusters and CI have no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = pyplot().subplots(figsize=(8, 5))
     for r in rows:
         if r["curve"]:
             tokens, values = zip(*r["curve"])
@@ -131,9 +128,4 @@ def _plot(sweep: SweepConfig, rows: list[dict]) -> None:
     ax.set_ylabel(sweep.metric)
     ax.set_title(f"sweep {sweep.name}")
     ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    fs, path = storage.resolve(storage.join(sweep.folder, "curves.png"))
-    with fs.open_output_stream(path) as f:
-        f.write(buf.getvalue())
+    save_png(fig, storage.join(sweep.folder, "curves.png"))
