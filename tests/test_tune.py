@@ -74,6 +74,27 @@ def test_variants_cross_the_search_and_apply_their_overrides_first(tmp_path, job
     assert trial_raw(job, {"variant": "flat"}, sweep.variants)["train"]["schedule"] == "constant"
 
 
+def test_an_exploit_copies_the_donors_checkpoint_or_its_next_if_pruned(tmp_path):
+    from raypt.checkpoint import STATE, CheckpointError
+    from raypt.tune.trial import _donor_copy
+
+    donor = tmp_path / "trial-00001"
+    for step in (6, 8):
+        (donor / f"step{step:06d}").mkdir(parents=True)
+        (donor / f"step{step:06d}" / "w.bin").write_bytes(bytes(step))
+        (donor / f"step{step:06d}" / STATE).write_text(json.dumps({"step": step, "files": {"w.bin": step}}))
+    run = str(tmp_path / "trial-00002")
+    pointer = {"trial": "trial-00001", "uri": str(donor / "step000006"), "step": 6}
+    copy, step = _donor_copy(pointer, run)
+    assert (step, open(os.path.join(copy, "w.bin"), "rb").read()) == (6, bytes(6))
+    assert copy.startswith(os.path.join(run, "donor") + "/")  # not a step folder of its own: no auto-resume
+    (donor / "step000006" / "w.bin").unlink()  # pruned by the donor, which trains on
+    copy, step = _donor_copy(pointer, run)
+    assert step == 8 and os.listdir(os.path.join(run, "donor")) == ["step000008"]
+    with pytest.raises(CheckpointError, match="trial-00001 kept no checkpoint at or after step 10"):
+        _donor_copy({**pointer, "uri": str(donor / "step000010"), "step": 10}, run)
+
+
 def test_impossible_concurrency_is_refused_with_what_fits(make_job):
     from raypt.tune.run import concurrency
     from raypt.tune.sweep import SweepConfig
@@ -268,4 +289,6 @@ def test_pbt_exploit_continues_from_the_donors_weights_and_data(ray_cluster, mak
         assert first["step"] == donor["step"] + 1
         donor_loss = next(r["loss"] for r in records(folder, donor["trial"]) if r["step"] == first["step"])
         assert abs(first["loss"] - donor_loss) <= 1e-4  # the donor's weights and data position, before its LR acts
-    assert all(r["status"] == "finished" for r in rows.values())
+    failed = {t: open(os.path.join(folder, t, "error.txt")).read()[-2000:] for t, r in rows.items()
+              if r["status"] != "finished"}
+    assert not failed, failed

@@ -66,12 +66,33 @@ class Pace(Hook):
             time.sleep(0.1)
 
 
+def _donor_copy(pointer: dict, run: str) -> tuple[str, int]:
+    """The donor's checkpoint copied into the trial's folder (`donor/`, which auto-resume does not list), and its
+    step. The donor trains on and prunes its own checkpoints while this trial restarts, so the one Tune pointed at
+    may be gone, or go during the copy: then the donor's next one."""
+    from raypt import checkpoint
+
+    donor = pointer["uri"].rsplit("/", 1)[0]
+    newer = [u for u in checkpoint.list_checkpoints(donor) if u.rsplit("/", 1)[-1] > f"step{pointer['step']:06d}"]
+    target = storage.join(run, "donor")
+    fs, path = storage.resolve(target)
+    for uri in [pointer["uri"], *newer]:
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+        copy = storage.join(target, uri.rsplit("/", 1)[-1])
+        try:
+            storage.copy_tree(uri, copy)
+            return copy, checkpoint.read_state(copy)[0].step
+        except (FileNotFoundError, checkpoint.CheckpointError):
+            continue
+    raise checkpoint.CheckpointError(f"{pointer['trial']} kept no checkpoint at or after step {pointer['step']}")
+
+
 def _continue_from_donor(cfg: Any, values: dict) -> tuple[Any, tuple]:
     """Under PBT Tune restarts a weak trial with a strong trial's pointer: the trial's own checkpoints are
     superseded (removed, so the donor's is the one it resumes), and a Lineage hook records the exploit."""
     from ray import tune
 
-    from raypt import checkpoint, storage
+    from raypt import checkpoint
 
     given = tune.get_checkpoint()
     if given is None:
@@ -84,8 +105,9 @@ def _continue_from_donor(cfg: Any, values: dict) -> tuple[Any, tuple]:
     fs, _ = storage.resolve(run)
     for uri in checkpoint.list_checkpoints(run):
         fs.delete_dir(storage.resolve(uri)[1])
-    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume_from": pointer["uri"]})})
-    return cfg, (Lineage(pointer["trial"], pointer["step"], values),)
+    uri, step = _donor_copy(pointer, run)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume_from": uri})})
+    return cfg, (Lineage(pointer["trial"], step, values),)
 
 
 def _to_sink(sink: Any) -> Any:
