@@ -19,6 +19,10 @@ import threading
 import time
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Right after a node is lost, the resources Ray Train's elastic policy reads (Ray Data's autoscaling coordinator)
+# still count it: the policy asks for 3 workers and waits out the group start timeout (60 s by default) before it
+# tries 2. Here a group starts in about 8 s, so 25 s bounds that wait with room to spare.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "25")
 HEAD, NODE = {"num_cpus": 3}, {"num_cpus": 2}  # 2 and 1 workers of 1.2 CPUs, the rest for Ray Data read tasks
 CHECKPOINT_EVERY, DRAIN_CHECK_EVERY = 10, 3
 
