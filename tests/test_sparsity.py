@@ -239,6 +239,23 @@ def test_n_avg_against_a_hand_count():
     assert resumed == mean
 
 
+def test_a_window_that_ends_with_the_run_reaches_the_final_sparsity_at_its_last_step():
+    """8 steps of 100 tokens, linear to 50% over the second half, every 2 steps: events before steps 5 (0%), 7
+    (25%) and, the run's last step, 8 (50%): read at step 8's start (700 tokens) it would end at 37.5%."""
+    from raypt.sparsity.config import SparsityConfig
+    from raypt.sparsity.plan import due, read_at, target_keep
+
+    cfg = SparsityConfig.model_validate({"final": 0.5, "every": 2,
+                                         "schedule": {"form": "linear", "start": 0.5, "end": 1.0}})
+    kept, counts = 100, []
+    for step in range(1, 9):
+        tokens = read_at(step, 8, 100 * (step - 1), 800)
+        if due(cfg, step, tokens, 800):
+            kept = min(kept, target_keep(cfg, 100, tokens, 800))
+        counts.append(kept)
+    assert counts == [100] * 6 + [75, 50]
+
+
 @pytest.mark.parametrize("form", ["geometric", "cubic", "linear"])
 def test_density_forms_run_from_dense_to_final(form):
     from raypt.schedules import SCHEDULES

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from raypt.hooks.base import Hook
 from raypt.metrics import Metric
 from raypt.sparsity.config import SparsityConfig
-from raypt.sparsity.plan import RunningMean, due, target_keep
+from raypt.sparsity.plan import RunningMean, due, read_at, target_keep
 from raypt.sparsity.select import prunable
 from raypt.sparsity.threshold import Slice, choose, magnitude_bits
 
@@ -58,8 +58,9 @@ class Pruning(Hook):
         self.apply(engine)
 
     def before_step(self, loop: Any, step: int) -> None:
-        plan, total = loop.plan, loop.plan.tokens_before(loop.cfg.train.steps)
-        tokens = plan.tokens_before(step - 1)
+        steps = loop.cfg.train.steps
+        total = loop.plan.tokens_before(steps)
+        tokens = read_at(step, steps, loop.plan.tokens_before(step - 1), total)
         if not due(self.cfg, step, tokens, total):
             return
         if self.cfg.scope == "global":

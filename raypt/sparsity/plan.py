@@ -12,6 +12,13 @@ def target_keep(cfg: SparsityConfig, size: int, tokens: float, total_tokens: flo
     return round((1 - cfg.schedule.value(tokens, total_tokens, cfg.final)) * size)
 
 
+def read_at(step: int, steps: int, tokens: float, total_tokens: float) -> float:
+    """The tokens the schedule is read at before `step`, which starts at `tokens`: the run's end before its last
+    step. A window that ends with the run (end 1.0) thus reaches the final sparsity, at the last step, as the
+    paper's last event falls on the window's last step; read at its start, it would stop one event short."""
+    return total_tokens if step == steps else tokens
+
+
 def due(cfg: SparsityConfig, step: int, tokens: float, total_tokens: float) -> bool:
     """Whether pruning runs before `step`, which starts at `tokens`: every `every` steps inside the window, and at
     each step past its end (a no-op once the final sparsity is reached: the counts already match)."""
