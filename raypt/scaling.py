@@ -4,6 +4,7 @@ Huber loss on log residuals, L-BFGS from a grid of starts), with bootstrap inter
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -111,7 +112,16 @@ def _point(run: str, metric: str) -> Point:
     except FileNotFoundError:
         raise ConfigError(f"fit-scaling: run '{run}' holds no config.yaml") from None
     sparse = float((job.get("sparsity") or {}).get("final") or 0) > 0  # no sparsity section: a dense run
-    return Point(run_name(run), loss, n_avg, tokens, sparse)
+    return Point(_label(run), loss, n_avg, tokens, sparse)
+
+
+def _label(run: str) -> str:
+    """A sweep trial by its variant when it has one (what the reader compares), else the run folder's name."""
+    try:
+        variant = json.loads(storage.read_text(storage.join(run, "values.json"))).get("variant")
+    except FileNotFoundError:
+        variant = None
+    return f"{run_name(run)} {variant}" if variant else run_name(run)
 
 
 def budgets(tokens: np.ndarray) -> list[float]:

@@ -86,6 +86,7 @@ def test_sweep_folder_and_dense_sparse_marking(tmp_path, capsys):
     (sweep / "sweep.yaml").write_text("metric: val_loss\n")
     write_run(sweep / "trial-00000", 3.0, 1e5, 1e8)  # no sparsity section: dense
     write_run(sweep / "trial-00001", 3.2, 6e4, 1e8, sparsity=0.8)
+    (sweep / "trial-00001" / "values.json").write_text('{"variant": "sparse-25-75"}')  # labelled by its variant
     write_run(sweep / "trial-00002", 3.1, 1e5, 1e8, sparsity=0.0)  # a sparsity section at 0: dense
     write_run(sweep / "trial-00003", 3.5, 5e4, 1e8, sparsity=0.5, final=False)  # still running
     # a run from before n_avg was reported: its nonzero_params
@@ -94,7 +95,7 @@ def test_sweep_folder_and_dense_sparse_marking(tmp_path, capsys):
     other = write_run(tmp_path / "runs" / "dense-big", 2.8, 3e5, 1e8)
     pts = scaling.points([str(sweep) + "/", other])
     assert [(p.name, p.sparse, p.n_avg, p.loss) for p in pts] == [
-        ("trial-00000", False, 1e5, 3.0), ("trial-00001", True, 6e4, 3.2), ("trial-00002", False, 1e5, 3.1),
+        ("trial-00000", False, 1e5, 3.0), ("trial-00001 sparse-25-75", True, 6e4, 3.2), ("trial-00002", False, 1e5, 3.1),
         ("trial-00004", True, 7e4, 3.3), ("dense-big", False, 3e5, 2.8)]
     assert f"skipped {sweep}/trial-00003: unfinished (no summary.json)" in capsys.readouterr().err
 
