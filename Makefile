@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/same_losses.py
 	$(BIN)/python benchmarks/tune.py
+	$(BIN)/python benchmarks/pruning.py
 
 clean:
 	rm -rf runs data benchmarks/results/*.tmp
