@@ -13,16 +13,18 @@ import torch
 from PIL import Image
 from transformers.audio_utils import hertz_to_mel, mel_to_hertz
 
+from raypt import config
 from raypt.data.decode import (BadRecord, audio_features, audio_frames, decode_audio, decode_image, image_views,
                                patchify)
+from raypt.data.features import AUGMENTS, ImageConfig
 
 SKIMAGE = os.path.dirname(skimage.data.__file__)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def image_cfg(**over) -> SimpleNamespace:
-    return SimpleNamespace(**{"size": 32, "crop_scale": (0.35, 1.0), "flip": True, "jitter": 0.4, "views": 2,
-                              "mean": MEAN, "std": STD, **over})
+def image_cfg(views: int = 2, **over) -> ImageConfig:
+    """A validated config; `views` is set past validation, since decoding takes any number (the config 1 or 2)."""
+    return ImageConfig(**{"size": 32, "mean": MEAN, "std": STD, **over}).model_copy(update={"views": views})
 
 
 def audio_cfg(**over) -> SimpleNamespace:
@@ -127,6 +129,90 @@ def test_grayscale_and_rgba_become_rgb():
     rgba = encode(Image.new("RGBA", (20, 20), (10, 20, 30, 128)))
     assert decode_image(rgba).mode == "RGB"
     assert image_views(rgba, image_cfg(), rng(0)).shape == (2, 3, 32, 32)
+
+
+# Each type on for certain (blur at a sigma that always shows), and that type off by its own strength field.
+CERTAIN = {"flip": 1.0, "jitter_p": 1.0, "grayscale_p": 1.0, "blur_p": 1.0, "blur_sigma": (1.0, 2.0)}
+ZERO = {"flip": {"flip": 0.0}, "jitter": {"jitter": 0.0}, "grayscale": {"grayscale_p": 0.0}, "blur": {"blur_p": 0.0}}
+
+
+def high_frequency_energy(views: np.ndarray) -> float:
+    """Mean squared difference of neighbouring pixels, across rows and columns."""
+    x = pixels(views)
+    return float((np.diff(x, axis=1) ** 2).mean() + (np.diff(x, axis=2) ** 2).mean())
+
+
+@pytest.mark.parametrize("kind", AUGMENTS)
+def test_each_augmentation_type_changes_the_view_when_on_and_not_when_off(kind):
+    data = stored("chelsea.png")  # a colour photo, wider than tall
+    whole = image_views(data, image_cfg(), None)
+    off = image_views(data, image_cfg(augment=[], **CERTAIN), rng(0))
+    assert np.array_equal(off, whole)  # nothing listed: the evaluation view, whatever the strengths
+    on = image_views(data, image_cfg(augment=[kind], **CERTAIN), rng(0))
+    assert not np.allclose(on, whole, atol=1e-3)
+    if kind in ZERO:
+        zero = image_views(data, image_cfg(augment=[kind], **{**CERTAIN, **ZERO[kind]}), rng(0))
+        assert np.array_equal(zero, whole)
+
+
+def test_flip_mirrors_the_whole_view():
+    data = stored("chelsea.png")
+    on = image_views(data, image_cfg(augment=["flip"], flip=1.0), rng(0))
+    assert np.array_equal(on, image_views(data, image_cfg(), None)[..., ::-1])
+
+
+def test_grayscale_views_have_equal_channels():
+    data = stored("chelsea.png")
+    out = pixels(image_views(data, image_cfg(augment=["crop", "jitter", "grayscale"], grayscale_p=1.0), rng(3)))
+    np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-3)
+    np.testing.assert_allclose(out[..., 0], out[..., 2], atol=1e-3)
+    colour = pixels(image_views(data, image_cfg(augment=["crop", "jitter"]), rng(3)))
+    assert np.abs(colour[..., 0] - colour[..., 2]).max() > 50
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_blur_lowers_the_high_frequency_energy(seed):
+    data = stored("astronaut.png")
+    sharp = image_views(data, image_cfg(augment=["crop"]), rng(seed))
+    blurred = image_views(data, image_cfg(augment=["crop", "blur"], blur_p=1.0, blur_sigma=(1.0, 2.0)), rng(seed))
+    assert high_frequency_energy(blurred) < 0.7 * high_frequency_energy(sharp)
+
+
+def test_blur_kernel_spans_a_tenth_of_the_side_as_in_simclr():
+    """A lone white pixel blurred at sigma 2: at 32 px the kernel is 3 px wide, at 64 px 7 px."""
+    for side, width in ((32, 3), (64, 7)):
+        dot = Image.new("RGB", (side, side))
+        dot.putpixel((side // 2, side // 2), (255, 255, 255))
+        cfg = image_cfg(size=side, views=1, augment=["blur"], blur_p=1.0, blur_sigma=(2.0, 2.0))
+        lit = pixels(image_views(encode(dot), cfg, rng(0)))[0, ..., 0] > 0.5
+        rows, cols = np.nonzero(lit)
+        assert rows.max() - rows.min() + 1 == cols.max() - cols.min() + 1 == width
+
+
+def test_all_five_types_are_a_function_of_the_seed():
+    data, cfg = stored("coffee.png"), image_cfg(augment=list(AUGMENTS), views=2)
+    first = image_views(data, cfg, rng(11))
+    assert np.array_equal(first, image_views(data, cfg, rng(11)))
+    assert not np.array_equal(first, image_views(data, cfg, rng(12)))
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_augment_is_applied_in_a_fixed_order_and_old_flip_switches_still_load():
+    assert image_cfg(augment=["blur", "crop", "grayscale", "blur"]).augment == ["crop", "grayscale", "blur"]
+    assert image_cfg(flip=True).flip == 0.5 and image_cfg(flip=False).flip == 0.0  # configs saved before
+    assert ImageConfig().augment == ["crop", "flip", "jitter"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.image.augment=[crop, sharpen]", "data.image.augment.1: got 'sharpen'; Input should be 'crop', 'flip', "
+                                           "'jitter', 'grayscale' or 'blur'"),
+    ("data.image.blur_sigma=[2, 1]", "data.image.blur_sigma: got [2.0, 1.0]; need low <= high"),
+    ("data.image.grayscale_p=1.5", "data.image.grayscale_p: got 1.5"),
+])
+def test_bad_augmentation_settings_are_refused_naming_the_field_and_what_is_allowed(override, expected):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, [override])
+    assert expected in str(err.value)
 
 
 @pytest.mark.parametrize("data", [b"", b"definitely not an image", b"\x89PNG\r\n\x1a\n" + bytes(range(256)),

@@ -382,6 +382,90 @@ def test_image_parquet_with_an_int_column_is_a_bad_record(tmp_path):
     assert "schema mismatch" in by_name(manifest)[str(tmp_path / "img" / "ints.parquet")]
 
 
+# ----------------------------------------------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory) -> tuple[str, dict]:
+    out = str(tmp_path_factory.mktemp("digits") / "out")
+    return out, prepare(out, PrepareConfig(source="digits"))
+
+
+def test_digits_keep_their_labels_and_every_class_in_both_splits(digits_data):
+    out, manifest = digits_data
+    assert manifest["modality"] == "image" and manifest["source"] == "digits" and manifest["labels"] == 10
+    assert manifest["documents"] == manifest["splits"]["train"]["rows"] + manifest["splits"]["val"]["rows"] == 1797
+    check_shards(out, manifest)
+    tables = {s: read_split(out, manifest, s) for s in ("train", "val")}
+    for table in tables.values():
+        assert table.schema.field("label").type == pa.int64()
+        assert sorted(set(table.column("label").to_pylist())) == list(range(10))
+    names = {s: t.column("name").to_pylist() for s, t in tables.items()}
+    assert not set(names["train"]) & set(names["val"])
+    assert names["val"] == sorted(names["val"]) and names["train"] == sorted(names["train"])  # the set's order
+    assert 0.01 < len(names["val"]) / 1797 < 0.04  # val_fraction 0.02 within each class, at least one each
+    for data in tables["val"].column("image").to_pylist():
+        image = decode.decode_image(data)
+        assert image.size == (32, 32)
+        assert np.array_equal(np.asarray(image)[..., 0], np.asarray(image)[..., 2])  # grey digits stored as RGB
+
+
+def test_digits_prepare_again_byte_for_byte_at_the_configured_side(digits_data, tmp_path):
+    out, manifest = digits_data
+    again = prepare(str(tmp_path / "again"), PrepareConfig(source="digits"))
+    assert again["splits"] == manifest["splits"]
+    for entry in manifest["splits"]["train"]["files"] + manifest["splits"]["val"]["files"]:
+        assert Path(out, entry["path"]).read_bytes() == (tmp_path / "again" / entry["path"]).read_bytes()
+    small = prepare(str(tmp_path / "small"), PrepareConfig(source="digits", image_max_side=20, val_fraction=0.3))
+    val = read_split(str(tmp_path / "small"), small, "val")
+    assert decode.decode_image(val.column("image")[0].as_py()).size == (20, 20)
+    assert 0.28 < val.num_rows / 1797 < 0.32
+
+
+def window_batches(stream, count: int) -> list[dict]:
+    """A stream's micro-batches of global batches 0..count-1, read and cut in this process (no Ray Data)."""
+    packed = stream.read_window({"start": np.array([0]), "count": np.array([count])})["window"][0]
+    with np.load(io.BytesIO(packed), allow_pickle=False) as window:
+        return list(stream.micro_batches(dict(window)))
+
+
+def test_validation_batches_carry_the_labels_beside_the_images_and_training_batches_do_not(digits_data, tmp_path):
+    import torch
+
+    from raypt.config import AudioConfig, ImageConfig
+    from raypt.data.manifest import read_manifest
+    from raypt.data.mix import MixPlan
+    from raypt.data.split import Split
+    from raypt.data.stream import SOURCE_BITS, RankStream
+
+    write_image_inputs(tmp_path / "img")
+    prepare(str(tmp_path / "photos"), PrepareConfig(source="images", inputs=[str(tmp_path / "img")],
+                                                    val_fraction=0.3), DataConfig(max_bad_fraction=0.9))
+    out, _ = digits_data
+    manifests = [read_manifest(out), read_manifest(str(tmp_path / "photos"))]  # labelled digits, unlabelled photos
+    val = read_split(out, manifests[0], "val")
+    label_of = dict(zip(val.column("sample_id").to_pylist(), val.column("label").to_pylist()))
+    image_of = dict(zip(val.column("sample_id").to_pylist(), val.column("image").to_pylist()))
+    image_cfg = ImageConfig(views=2)
+
+    def stream(split: str, train: bool) -> RankStream:
+        return RankStream(manifests, MixPlan([(0, np.array([3.0, 1.0]))], 8, np.zeros(2)), split, 0, train,
+                          Split(8, 2, 2), 1, 0, image_cfg, AudioConfig())
+
+    batches = window_batches(stream("val", False), 3)
+    assert len(batches) == 6
+    for batch in batches:
+        assert batch["label"].dtype == torch.int64 and len(batch["label"]) == len(batch["pixel_values"])
+        for sid, label, views in zip(batch["sample_id"].tolist(), batch["label"].tolist(), batch["pixel_values"]):
+            if sid >> SOURCE_BITS:  # a photo: no label
+                assert label == -1
+                continue
+            assert label == label_of[sid]
+            assert np.array_equal(views.numpy(), decode.image_views(image_of[sid], image_cfg, None))
+    assert {-1} < set(torch.cat([b["label"] for b in batches]).tolist())
+    assert all("label" not in b for b in window_batches(stream("train", True), 1))
+
+
 # ------------------------------------------------------------------------------------------------------ audio
 
 

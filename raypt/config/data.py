@@ -11,12 +11,14 @@ from raypt.schema import Location, Section
 
 class PrepareConfig(Section):
     """How `raypt data prepare` turns raw files into shards; inputs are files, folders or globs, local or s3://."""
-    source: Literal["stdlib", "cpp-headers", "site-python", "text", "images", "audio", "skimage",
+    source: Literal["stdlib", "cpp-headers", "site-python", "text", "images", "audio", "skimage", "digits",
                     "stdlib-audio"] = Field(
         "stdlib", description="ship with the install: stdlib (the Python standard library's sources), cpp-headers "
         "(the C/C++ headers in the torch wheel's include/, a strong shift from Python), site-python (the sources of "
         "installed deepspeed, matplotlib, numpy, pyarrow, pydantic, scipy and skimage, a weak shift), skimage "
-        "(images) and stdlib-audio; text, images and audio read data.prepare.inputs")
+        "(images), digits (scikit-learn's 1,797 labelled 8x8 handwritten digits, upsampled bilinearly to "
+        "image_max_side, 32 px when None; each class split by val_fraction, labels kept for evaluation only) and "
+        "stdlib-audio; text, images and audio read data.prepare.inputs")
     inputs: list[Location] = Field(default_factory=list, description="text: .txt/.jsonl/.parquet; images: image "
                                    "files or .parquet; audio: .wav/.flac (local paths are made absolute)")
     text_field: str = Field("text", min_length=1, description="JSONL key or Parquet column holding a document")

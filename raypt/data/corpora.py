@@ -1,12 +1,16 @@
 """Real data that ships with the install, so demos and experiments download nothing: code corpora for text
-sources (a domain each) and sample images and sounds for the media ones."""
+sources (a domain each), sample images and sounds for the media ones, and a small labelled image set (digits)."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import sysconfig
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
+from PIL import Image
 
 from raypt.schema import ConfigError
 
@@ -14,6 +18,7 @@ TEXT = ("stdlib", "cpp-headers", "site-python")
 CPP_HEADERS = ("**/*.h", "**/*.hpp", "**/*.cuh")
 # Test suites are mostly fixtures and asserts, not the code the corpus stands for.
 PYTHON_SKIP = frozenset({"site-packages", "test", "tests", "idle_test"})
+DIGIT_SIDE = 32  # digits' default stored side: 8 px is too small for random crops and blur to mean anything
 # site-python: raypt's own dependencies of moderate size (about 32 MB of sources together, like the ~39 MB of torch's
 # C/C++ headers), read in this alphabetical order. ray, torch and transformers are left out: each alone is larger
 # than all of these together and would make the corpus mostly one project's code.
@@ -79,3 +84,19 @@ def packaged_inputs(source: str) -> list[str]:
         raise ConfigError(f"data.prepare.source: 'stdlib-audio' needs Python's own test files ({folder}), which "
                           f"this Python lacks; use source 'audio' with inputs")
     return [f"{folder}/*.{ext}" for ext in ("wav", "aiff", "au")]
+
+
+def digits(side: int) -> list[tuple[str, bytes, int]]:
+    """scikit-learn's bundled handwritten digits (1,797 images of 8x8 pixels with 17 grey levels, classes 0-9) as
+    (name, RGB PNG bytes, label), bright ink on black, upsampled bilinearly to side x side: smooth strokes, not 4x4
+    blocks whose sharp edges would be high frequencies no digit has. Names are the images' places in the set."""
+    from sklearn.datasets import load_digits  # here: scikit-learn takes a second to import
+
+    bunch = load_digits()
+    grey = np.rint(bunch.images * (255 / 16)).astype(np.uint8)
+    out = []
+    for i, (pixels, label) in enumerate(zip(grey, bunch.target)):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).convert("RGB").resize((side, side), Image.Resampling.BILINEAR).save(buf, "PNG")
+        out.append((f"digits/{i:04d}", buf.getvalue(), int(label)))
+    return out

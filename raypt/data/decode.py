@@ -14,6 +14,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+from scipy.ndimage import gaussian_filter
 from scipy.signal import resample_poly
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
@@ -49,14 +50,43 @@ def _crop_box(width: int, height: int, scale: tuple[float, float], rng: np.rando
     return left, top, left + w, top + h
 
 
+def _chance(rng: np.random.Generator, p: float) -> bool:
+    """A coin of probability p. A certain or impossible event draws nothing: views of the default settings (flip
+    0.5, jitter_p 1) take the draws they took before types were selectable, so older runs go on with the same views."""
+    return p >= 1 or (p > 0 and rng.random() < p)
+
+
+def _blur(view: Image.Image, sigma: float) -> Image.Image:
+    """Gaussian blur as SimCLR's (torchvision's GaussianBlur): a kernel of 10% of the side, odd and at least 3 px,
+    normalised after truncation, edges mirrored."""
+    radius = max(1, int(0.1 * view.width) // 2)
+    blurred = gaussian_filter(np.asarray(view, dtype=np.float32), sigma=(sigma, sigma, 0), mode="mirror",
+                              radius=(radius, radius, 0))
+    return Image.fromarray(np.clip(np.rint(blurred), 0, 255).astype(np.uint8))
+
+
+def _whole(image: Image.Image, size: int) -> Image.Image:
+    """The evaluation view: the largest centred square, resized."""
+    return ImageOps.fit(image, (size, size), RESAMPLE)
+
+
 def _augment(image: Image.Image, cfg: Any, rng: np.random.Generator) -> Image.Image:
-    """One training view: random resized crop, optional horizontal flip, optional colour jitter."""
-    view = image.resize((cfg.size, cfg.size), RESAMPLE, box=_crop_box(*image.size, tuple(cfg.crop_scale), rng))
-    if cfg.flip and rng.random() < 0.5:
+    """One training view: the types in cfg.augment, always in SimCLR's order (crop, flip, jitter, grayscale, blur)
+    whatever the list's, each with its own draws from rng; blur comes last so its kernel is sized to the view."""
+    kinds = set(cfg.augment)
+    if "crop" in kinds:
+        view = image.resize((cfg.size, cfg.size), RESAMPLE, box=_crop_box(*image.size, tuple(cfg.crop_scale), rng))
+    else:
+        view = _whole(image, cfg.size)
+    if "flip" in kinds and _chance(rng, cfg.flip):
         view = ImageOps.mirror(view)
-    if cfg.jitter > 0:
+    if "jitter" in kinds and cfg.jitter > 0 and _chance(rng, cfg.jitter_p):
         for enhancer, factor in zip(ENHANCERS, rng.uniform(1 - cfg.jitter, 1 + cfg.jitter, len(ENHANCERS))):
             view = enhancer(view).enhance(float(factor))
+    if "grayscale" in kinds and _chance(rng, cfg.grayscale_p):
+        view = view.convert("L").convert("RGB")  # ITU-R 601 luma, as torchvision's Grayscale
+    if "blur" in kinds and _chance(rng, cfg.blur_p):
+        view = _blur(view, float(rng.uniform(*cfg.blur_sigma)))
     return view
 
 
@@ -67,7 +97,7 @@ def image_views(data: bytes, cfg: Any, rng: np.random.Generator | None) -> np.nd
     """
     image = decode_image(data)
     if rng is None:
-        views = [ImageOps.fit(image, (cfg.size, cfg.size), RESAMPLE)] * cfg.views
+        views = [_whole(image, cfg.size)] * cfg.views
     else:
         views = [_augment(image, cfg, rng) for _ in range(cfg.views)]
     pixels = np.stack([np.asarray(view, dtype=np.float32) for view in views]) / 255.0

@@ -5,9 +5,9 @@ and config imports the task registry, so tasks cannot import config.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from raypt.schema import Section
 
@@ -15,18 +15,41 @@ BATCH_KEY = {"text": "input_ids", "image": "pixel_values", "audio": "audio_featu
 
 Share = Annotated[float, Field(gt=0, le=1)]
 Mean = Annotated[float, Field(ge=0, le=1)]
+Chance = Annotated[float, Field(ge=0, le=1)]
+Sigma = Annotated[float, Field(gt=0)]
+# The augmentation types, in the fixed order a training view goes through them (SimCLR's).
+Augment = Literal["crop", "flip", "jitter", "grayscale", "blur"]
+AUGMENTS: tuple[str, ...] = get_args(Augment)
+# data.image.flip was a switch before it was a probability; configs saved then (run folders, sweeps' best.yaml)
+# still load: true was a mirror half of the time, false never.
+FlipChance = Annotated[Chance, BeforeValidator(lambda v: (0.5 if v else 0.0) if isinstance(v, bool) else v)]
 
 
 class ImageConfig(Section):
     """Image decoding and training augmentations (done in Ray Data read tasks, seeded by each sample's place in the
     global order, so a resumed run repeats them exactly); evaluation fits the whole image, unaugmented."""
     size: int = Field(32, ge=8, description="side in pixels of the square crops fed to the model")
+    augment: list[Augment] = Field(
+        ["crop", "flip", "jitter"], description="the augmentation types of training views, applied in this fixed "
+        "order whatever the list's: crop (random-resized crop), flip (left-right), jitter (colour: brightness, "
+        "contrast, saturation), grayscale (colour drop), blur (Gaussian); each type's strength is its own field. "
+        "Without crop a view is the whole image fitted as in evaluation; [] = no augmentation")
     crop_scale: tuple[Share, Share] = Field(
-        (0.35, 1.0), description="(low, high): training crops cover a random share of the image's area in this "
-        "range (a random-resized crop, aspect ratio 3/4 to 4/3); (1, 1) = whole-image crops")
-    flip: bool = Field(True, description="mirror training views left-right with probability 0.5")
-    jitter: float = Field(0.4, ge=0, le=1, description="training views' brightness, contrast and saturation are "
-                          "each scaled by a random factor in [1 - jitter, 1 + jitter]; 0 = off")
+        (0.35, 1.0), description="crop: (low, high): training crops cover a random share of the image's area in "
+        "this range (a random-resized crop, aspect ratio 3/4 to 4/3; SimCLR: (0.08, 1)); (1, 1) = whole-image "
+        "crops")
+    flip: FlipChance = Field(0.5, description="flip: probability that a view is mirrored left-right (true and "
+                             "false, the older form, mean 0.5 and 0)")
+    jitter: float = Field(0.4, ge=0, le=1, description="jitter: a view's brightness, contrast and saturation are "
+                          "each scaled by a random factor in [1 - jitter, 1 + jitter] (hue is left alone); 0 = off")
+    jitter_p: Chance = Field(1.0, description="jitter: probability that a view is jittered (SimCLR: 0.8)")
+    grayscale_p: Chance = Field(0.2, description="grayscale: probability that a view loses its colour (its luma "
+                              "copied to all three channels), SimCLR's colour drop")
+    blur_p: Chance = Field(0.5, description="blur: probability that a view is blurred")
+    blur_sigma: tuple[Sigma, Sigma] = Field(
+        (0.1, 2.0), description="blur: (low, high) pixels: the Gaussian's standard deviation is drawn uniformly in "
+        "this range; as in SimCLR the kernel spans 10% of the view's side (odd, at least 3 px: 3 px at 32 px), "
+        "which bounds how far a large sigma blurs")
     views: Literal[1, 2] = Field(1, description="augmented views per image (2 for contrastive tasks; MAE and "
                                  "multimodal learn from the first)")
     mean: tuple[Mean, Mean, Mean] = Field((0.485, 0.456, 0.406), description="per-channel (RGB) mean subtracted "
@@ -34,12 +57,18 @@ class ImageConfig(Section):
     std: tuple[Share, Share, Share] = Field((0.229, 0.224, 0.225), description="per-channel (RGB) standard "
                                             "deviation the centred pixels are divided by")
 
-    @field_validator("crop_scale")
+    @field_validator("augment")
     @classmethod
-    def _ordered(cls, scale: tuple[float, float]) -> tuple[float, float]:
-        if scale[0] > scale[1]:
-            raise ValueError(f"data.image.crop_scale: got {list(scale)}; need low <= high")
-        return scale
+    def _in_order(cls, kinds: list[str]) -> list[str]:
+        """Listed once each, in the order they are applied, so a saved config reads as what a view went through."""
+        return [kind for kind in AUGMENTS if kind in kinds]
+
+    @field_validator("crop_scale", "blur_sigma")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        if bounds[0] > bounds[1]:
+            raise ValueError(f"data.image.{info.field_name}: got {list(bounds)}; need low <= high")
+        return bounds
 
 
 class AudioConfig(Section):

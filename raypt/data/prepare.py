@@ -3,7 +3,8 @@
 Text (files, or a code corpus of the install) is tokenized (a local byte-level BPE, the tokenizer of another
 prepared dataset, or that of a Hugging Face folder such as a model export) and packed into fixed-length sequences
 with an end-of-document separator. Images and audio stay encoded (they are decoded and augmented at training time)
-but every record is decoded once here, so a bad one is caught before any training.
+but every record is decoded once here, so a bad one is caught before any training. A labelled image set (digits)
+keeps each image's class in a `label` column, for evaluation only (linear probes, kNN): training never reads it.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ ROWS_PER_FILE = 4096
 EXTENSIONS = {"text": (".txt", ".jsonl", ".parquet"), "images": (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp",
               ".tif", ".tiff", ".parquet"), "audio": (".wav", ".flac", ".aiff", ".au")}
 MODALITY = {"stdlib": "text", "cpp-headers": "text", "site-python": "text", "text": "text", "images": "image",
-            "skimage": "image", "audio": "audio", "stdlib-audio": "audio"}
+            "skimage": "image", "digits": "image", "audio": "audio", "stdlib-audio": "audio"}
 
 
 class BadRecords:
@@ -194,6 +195,14 @@ def split(records: list, fraction: float) -> dict[str, list]:
     return {"train": train, "val": val}
 
 
+def split_by_label(records: list[tuple[str, bytes, int]], fraction: float) -> dict[str, list]:
+    """`split` within each class (the record's last item), so both splits hold every class; records keep their
+    order, so a validation read of the first batches is not one class."""
+    val = {r[0] for label in {r[-1] for r in records}
+           for r in split([r for r in records if r[-1] == label], fraction)["val"]}
+    return {"train": [r for r in records if r[0] not in val], "val": [r for r in records if r[0] in val]}
+
+
 def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> np.ndarray:
     """Concatenate documents with an EOS separator and cut into full windows (the ragged tail is dropped)."""
     flat = np.fromiter((t for ids in token_lists for t in (*ids, eos_id)), dtype=np.int32)
@@ -245,16 +254,24 @@ def prepare_text(fs, root: str, cfg: PrepareConfig, bad: BadRecords) -> dict:
 
 
 def prepare_media(fs, root: str, cfg: PrepareConfig, kind: str, bad: BadRecords) -> dict:
-    parts = split(media(cfg, kind, bad), cfg.val_fraction)
+    if cfg.source == "digits":
+        parts = split_by_label(corpora.digits(cfg.image_max_side or corpora.DIGIT_SIDE), cfg.val_fraction)
+    else:
+        parts = split(media(cfg, kind, bad), cfg.val_fraction)
     bad.check()
     if not parts["train"] or not parts["val"]:
         raise ConfigError(f"data.prepare.inputs: {kind} sources need at least 2 readable files, found "
                           f"{sum(map(len, parts.values()))}")
     column = "image" if kind == "image" else "audio"
-    splits = {name: write_split(fs, root, name, {column: pa.array([d for _, d in recs], pa.binary()),
-                                                 "name": pa.array([n for n, _ in recs])}, cfg.rows_per_group)
-              for name, recs in parts.items()}
-    return {"format": f"raypt-{column}/1", "documents": sum(map(len, parts.values())), "splits": splits}
+    labelled = cfg.source == "digits"
+    splits = {}
+    for name, recs in parts.items():
+        columns = {column: pa.array([r[1] for r in recs], pa.binary()), "name": pa.array([r[0] for r in recs])}
+        if labelled:
+            columns["label"] = pa.array([r[2] for r in recs], pa.int64())
+        splits[name] = write_split(fs, root, name, columns, cfg.rows_per_group)
+    labels = {"labels": len({r[2] for r in parts["train"]})} if labelled else {}  # classes, for evaluation only
+    return {"format": f"raypt-{column}/1", "documents": sum(map(len, parts.values())), **labels, "splits": splits}
 
 
 def prepare(out: str, cfg: PrepareConfig, data: DataConfig | None = None) -> dict:

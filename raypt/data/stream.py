@@ -2,7 +2,8 @@
 
 Each read task covers a window of global batches: it reads every row group it needs once, decodes images and
 audio (augmentations seeded by each sample's global position, so a resume repeats them exactly) and emits the
-rank's samples in global order. Ray Data runs tasks in parallel, prefetches, and preserves their order.
+rank's samples in global order. Ray Data runs tasks in parallel, prefetches, and preserves their order. Evaluation
+batches of a mix with a labelled image set also carry each image's class, `label` (-1 for unlabelled images).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ SOURCE_BITS = 40  # sample ids of source s are s << 40 | the id inside the sourc
 COLUMN = {"text": "input_ids", "image": "image", "audio": "audio"}
 
 
-def read_rows(uris: list[str], files: np.ndarray, groups: np.ndarray, rows: np.ndarray, column: str) -> pa.Table:
+def read_rows(uris: list[str], files: np.ndarray, groups: np.ndarray, rows: np.ndarray,
+              columns: list[str]) -> pa.Table:
     """Read each needed row group once and return the named rows in the order they were named."""
     keys = files.astype(np.int64) * (1 << 32) + groups
     tables, where, offset = [], np.empty(len(rows), dtype=np.int64), 0
@@ -35,11 +37,20 @@ def read_rows(uris: list[str], files: np.ndarray, groups: np.ndarray, rows: np.n
         sel = np.nonzero(keys == key)[0]
         fs, path = storage.resolve(uris[int(key >> 32)])
         with fs.open_input_file(path) as f:
-            group = pq.ParquetFile(f).read_row_group(int(key & 0xFFFFFFFF), columns=["sample_id", column])
+            group = pq.ParquetFile(f).read_row_group(int(key & 0xFFFFFFFF), columns=["sample_id", *columns])
         tables.append(group.take(rows[sel]))
         where[sel] = offset + np.arange(len(sel))
         offset += len(sel)
     return pa.concat_tables(tables).take(where)
+
+
+def in_rank_order(pieces: list[tuple[np.ndarray, np.ndarray]], empty: np.ndarray) -> np.ndarray:
+    """One array of (rows' places in the rank's window, their arrays) pieces, rows in the rank's order; `empty`
+    when there are none."""
+    if not pieces:
+        return empty
+    rows = np.concatenate([sel for sel, _ in pieces])
+    return np.concatenate([a for _, a in pieces])[np.argsort(rows, kind="stable")]
 
 
 class Source:
@@ -51,6 +62,7 @@ class Source:
         self.uris = [shard_uri(manifest, f) for f in self.order.files]
         self.root = manifest["root"]
         self.seq_len = manifest.get("seq_len", 0)
+        self.labelled = bool(manifest.get("labels"))
 
 
 class RankStream:
@@ -66,6 +78,7 @@ class RankStream:
         self.batch_split, self.rank, self.prefetch = batch_split, rank, prefetch
         self.image_cfg, self.audio_cfg = image_cfg, audio_cfg
         self.modalities = sorted({s.modality for s in self.sources}, key=list(COLUMN).index)
+        self.with_labels = not shuffle and any(s.labelled for s in self.sources)  # for evaluation only
         global_batch = int(plan.counts[0].sum())
         text_only = self.modalities == ["text"]
         block = max(s.order.block_rows() for s in self.sources)
@@ -106,17 +119,23 @@ class RankStream:
         srcs, positions = rank_slots(self.plan, start, count, self.batch_split.ranks, self.rank)
         sample_ids = np.empty(len(srcs), dtype=np.int64)
         parts: dict[str, list] = {mod: [] for mod in self.modalities}
+        labels: list = []
         for s in np.unique(srcs):
             sel = np.nonzero(srcs == s)[0]
             source = self.sources[s]
-            table = read_rows(source.uris, *source.order.locate(positions[sel]), column=COLUMN[source.modality])
+            labelled = self.with_labels and source.labelled
+            table = read_rows(source.uris, *source.order.locate(positions[sel]),
+                              [COLUMN[source.modality], *(["label"] if labelled else [])])
             sample_ids[sel] = (int(s) << SOURCE_BITS) | table.column("sample_id").to_numpy()
             parts[source.modality].append((sel, self.decode(int(s), positions[sel], table)))
+            if self.with_labels and source.modality == "image":
+                labels.append((sel, table.column("label").to_numpy() if labelled
+                               else np.full(len(sel), -1, dtype=np.int64)))
         window = {"sample_id": sample_ids, "source": srcs, "position": (srcs << SOURCE_BITS) | positions}
-        for mod, pieces in parts.items():  # each modality's rows in the rank's order
-            rows = np.concatenate([sel for sel, _ in pieces]) if pieces else np.zeros(0, dtype=np.int64)
-            arrays = np.concatenate([a for _, a in pieces]) if pieces else self.empty(mod)
-            window[BATCH_KEY[mod]] = arrays[np.argsort(rows, kind="stable")]
+        for mod, pieces in parts.items():
+            window[BATCH_KEY[mod]] = in_rank_order(pieces, self.empty(mod))
+        if self.with_labels:  # beside the images, in their order
+            window["label"] = in_rank_order(labels, np.zeros(0, dtype=np.int64))
         buf = io.BytesIO()  # one row, as an .npz: a window's modalities have different row counts
         np.savez(buf, **window)
         return {"window": np.array([buf.getvalue()], dtype=object)}
@@ -136,8 +155,10 @@ class RankStream:
                          "weight": weight}
                 for mod in self.modalities:
                     before = int(np.sum(modality_of[:lo] == mod))
-                    here = int(np.sum(modality_of[lo:hi] == mod))
-                    batch[BATCH_KEY[mod]] = torch.from_numpy(window[BATCH_KEY[mod]][before:before + here])
+                    rows = slice(before, before + int(np.sum(modality_of[lo:hi] == mod)))
+                    batch[BATCH_KEY[mod]] = torch.from_numpy(window[BATCH_KEY[mod]][rows])
+                    if mod == "image" and self.with_labels:
+                        batch["label"] = torch.from_numpy(window["label"][rows])
                 yield batch
 
     def batches(self, first_batch: int, num_batches: int) -> Iterator[dict]:
