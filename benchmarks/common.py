@@ -5,6 +5,8 @@ import datetime
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,3 +41,14 @@ def write_result(name: str, figures: dict, **extra) -> Path:
     print(json.dumps(figures, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def raypt_command(*args: str, capture: bool = False) -> str:
+    """Run a raypt command as a user would, from the repository root, on its own embedded cluster (RAY_ADDRESS
+    dropped); its output (when `capture`) is returned too."""
+    print("$ raypt", " ".join(args), flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "raypt", *args], check=True, cwd=RESULTS.parents[1], env=env,
+                          text=True, stdout=subprocess.PIPE if capture else None)
+    print(done.stdout or "", end="")
+    return done.stdout or ""

@@ -15,30 +15,21 @@ benchmarks/results/rewarm.json. A finished step is not rerun (a run folder resum
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import write_result  # noqa: E402
+from common import raypt_command as raypt, write_result  # noqa: E402
+
+from raypt.metrics.sink import read_metrics as records  # noqa: E402
 
 JOBS = "jobs/papers/rewarm"
 RUNS, SWEEP = ROOT / "runs/papers", ROOT / "sweeps/papers/rewarm"
 ANNEAL_TOKENS = 122880  # 30 steps of 32 x 128 tokens: 10% of the continued runs' 300-step budget
 
 
-def raypt(*args: str) -> None:
-    print("$ raypt", " ".join(args), flush=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    subprocess.run([sys.executable, "-m", "raypt", *args], check=True, cwd=ROOT, env=env)
-
-
-def records(folder: Path) -> list[dict]:
-    with open(folder / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def evaluations(folder: Path, after: int = 0) -> list[dict]:

@@ -15,36 +15,26 @@ results from the runs on disk.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import write_result  # noqa: E402
+from common import raypt_command as raypt, write_result  # noqa: E402
+
+from raypt.metrics.sink import read_metrics  # noqa: E402
 
 JOBS = "jobs/papers/sparsity"
 SWEEP = ROOT / "sweeps/papers/sparsity"
 PNG = Path(__file__).with_suffix(".png")
 
 
-def raypt(*args: str, capture: bool = False) -> str:
-    """Run a raypt command; its output (when `capture`) is returned too."""
-    print("$ raypt", " ".join(args), flush=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "raypt", *args], check=True, cwd=ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE if capture else None)
-    print(done.stdout or "", end="")
-    return done.stdout or ""
-
-
 def trials() -> list[dict]:
     """Each finished trial: its variant, final validation loss, N_avg, final non-zero parameters and density."""
     rows = []
     for trial in sorted(SWEEP.glob("trial-*")):
-        records = [json.loads(line) for line in open(trial / "metrics.jsonl") if line.strip()]
+        records = read_metrics(str(trial))
         last = {k: v for r in records for k, v in r.items()}  # each key's last value
         rows.append({"trial": trial.name, "variant": json.loads((trial / "values.json").read_text())["variant"],
                      "val_loss": last["val_loss"], "n_avg": last["n_avg"], "final_params": last["nonzero_params"],
