@@ -13,7 +13,8 @@ from typing import Optional
 
 from raypt import storage
 from raypt.config import ConfigError, JobConfig
-from raypt.data.mix import MixPlan, job_plan
+from raypt.data.mix import MixPlan
+from raypt.tasks import job_plan
 
 
 def train_plan(cfg: JobConfig) -> MixPlan:

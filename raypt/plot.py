@@ -51,7 +51,7 @@ def token_plan(cfg: JobConfig) -> MixPlan:
     """The job's training mix plan (raypt.data.mix.MixPlan): global tokens after each step, as the loop counts
     them, from the task's tokens per sample of each prepared source."""
     from raypt import preflight
-    from raypt.data.mix import job_plan
+    from raypt.tasks import job_plan
 
     with storage.settings(cfg.s3.env()):
         return job_plan(cfg, preflight.check_data_path(cfg))  # unprepared data: an error naming the source

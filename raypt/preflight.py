@@ -184,7 +184,7 @@ def check_sparsity(cfg: Any, manifests: list[dict]) -> None:
         return
     import torch
 
-    from raypt.data.mix import job_plan
+    from raypt.tasks import job_plan
     from raypt.sparsity.select import prunable
     from raypt.tasks import by_modality, get_task
 

@@ -79,14 +79,3 @@ def rank_slots(plan: MixPlan, first_batch: int, num_batches: int, world: int, ra
         srcs.append(src[start:start + count])
         positions.append(pos[start:start + count])
     return np.concatenate(srcs), np.concatenate(positions)
-
-
-def job_plan(cfg, manifests: list[dict]) -> MixPlan:
-    """A job's training plan outside a worker (preflight, plots): each source's tokens per sample from the job's
-    task and the sources' manifests, in mix order, as the worker loop counts them."""
-    from raypt.data.manifest import modality
-    from raypt.tasks import by_modality, get_task
-
-    task = get_task(cfg.model.task)(cfg, by_modality(manifests))
-    tokens = [task.tokens_per_sample(modality(m)) for m in manifests]
-    return MixPlan(cfg.data.stage_weights(), cfg.train.global_batch, tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from raypt.schema import ConfigError, tagged_union
 from raypt.tasks import clm  # noqa: F401  (registers itself; the default, listed first)
+from raypt.tasks import contrastive  # noqa: F401
 from raypt.tasks import mae  # noqa: F401
 from raypt.tasks import multimodal  # noqa: F401
 from raypt.tasks.base import TASKS, Task, TaskConfig, register
@@ -29,4 +30,16 @@ def by_modality(manifests: list[dict]) -> dict[str, dict]:
     return out
 
 
-__all__ = ["MODALITIES", "TASKS", "Task", "TaskConfig", "TaskConfigUnion", "by_modality", "get_task", "register"]
+
+def job_plan(cfg, manifests: list[dict]):
+    """A job's training plan (raypt.data.mix.MixPlan) outside a worker (preflight, plots): each source's tokens
+    per sample from the job's task and the sources' manifests, in mix order, as the worker loop counts them."""
+    from raypt.data.manifest import modality
+    from raypt.data.mix import MixPlan
+
+    task = get_task(cfg.model.task)(cfg, by_modality(manifests))
+    tokens = [task.tokens_per_sample(modality(m)) for m in manifests]
+    return MixPlan(cfg.data.stage_weights(), cfg.train.global_batch, tokens)
+
+
+__all__ = ["MODALITIES", "TASKS", "Task", "TaskConfig", "TaskConfigUnion", "by_modality", "get_task", "job_plan", "register"]

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from raypt.tasks.base import Task, TaskConfig, register, sample_noise
+from raypt.tasks.vit import save_image_processor, transformer_flops
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -20,11 +21,6 @@ class MaeConfig(TaskConfig):
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches hidden from the encoder")
     decoder_hidden_size: int = Field(64, ge=8, description="width of the decoder")
     decoder_layers: int = Field(2, ge=1, description="transformer blocks of the decoder")
-
-
-def _transformer_flops(hidden: int, layers: int, inter: int, tokens: int) -> float:
-    """Training FLOPs of `tokens` through a ViT stack: 6 x (QKVO + 2-matrix MLP) + attention scores."""
-    return tokens * (6 * layers * (4 * hidden * hidden + 2 * hidden * inter) + 12 * layers * hidden * tokens)
 
 
 @register
@@ -71,9 +67,9 @@ class MaeTask(Task):
         patches = (hf.image_size // hf.patch_size) ** 2
         kept = int(patches * (1 - hf.mask_ratio)) + 1
         pixels = hf.patch_size ** 2 * hf.num_channels
-        encoder = _transformer_flops(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, kept)
-        decoder = _transformer_flops(hf.decoder_hidden_size, hf.decoder_num_hidden_layers,
-                                     hf.decoder_intermediate_size, patches + 1)
+        encoder = transformer_flops(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, kept)
+        decoder = transformer_flops(hf.decoder_hidden_size, hf.decoder_num_hidden_layers,
+                                    hf.decoder_intermediate_size, patches + 1)
         heads = 6 * (patches * pixels * hf.hidden_size + kept * hf.hidden_size * hf.decoder_hidden_size
                      + (patches + 1) * hf.decoder_hidden_size * pixels)
         return float(encoder + decoder + heads)
@@ -81,10 +77,5 @@ class MaeTask(Task):
     def export(self, model: nn.Module, out_dir: str) -> None:
         """A folder that ViTMAEForPreTraining / AutoImageProcessor.from_pretrained load offline, preprocessing
         (bicubic resize, mean/std) as training did."""
-        from PIL import Image
-        from transformers import ViTImageProcessor
-
         model.save_pretrained(out_dir, safe_serialization=True)
-        image = self.cfg.data.image
-        ViTImageProcessor(size={"height": image.size, "width": image.size}, resample=Image.Resampling.BICUBIC,
-                          image_mean=list(image.mean), image_std=list(image.std)).save_pretrained(out_dir)
+        save_image_processor(self.cfg.data.image, out_dir)
