@@ -14,6 +14,8 @@ def quiet_known_noise() -> None:
     """Hide warnings every ZeRO step or model build repeats, so real ones stay visible (on the workers)."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor|.*reduce_scatter_tensor")
+    # The autograd all_gather the contrastive loss gathers negatives with (raypt/contrastive/loss.py), every step.
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     import ray.data

@@ -40,7 +40,7 @@ class Worker:
         self.task = get_task(cfg.model.task)(cfg, by_modality(self.manifests))
         self.run_uri = storage.join(cfg.run.storage, cfg.run.name)
         self.uploader = checkpoint.Uploader(self.run_uri, cfg.checkpoint.keep, prunes=self.rank == 0)
-        self.hooks = standard_hooks(cfg, sink, self.run_uri, self.rank, extra_hooks)
+        self.hooks = standard_hooks(cfg, sink, self.run_uri, self.rank, (*self.task.hooks(), *extra_hooks))
         self.checkpoint_requested = self.saved_this_step = False
         model = self.task.build_model(cfg.run.seed)
         tokens = [self.task.tokens_per_sample(modality(m)) for m in self.manifests]

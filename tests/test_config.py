@@ -41,7 +41,7 @@ BAD = [
     (["model.task=mae", "model.rope_theta=1"], ["model.rope_theta: not a field of model.task 'mae'",
                                                 "(it is a field of 'clm', 'multimodal')"]),
     (["model.task=mae", "model.mask_ratio=1"], ["model.mask_ratio: got 1", "less than 1"]),
-    (["model.task=gpt"], ["model.task: got 'gpt'", "'clm', 'mae' or 'multimodal'"]),
+    (["model.task=gpt"], ["model.task: got 'gpt'", "'clm', 'contrastive', 'mae' or 'multimodal'"]),
     (["model.hidden_sise=64"], ["model.hidden_sise: unknown key", "did you mean 'hidden_size'"]),
     (["train.schedule.name=constant", "train.schedule.min_lr_ratio=0.2"],
      ["train.schedule.min_lr_ratio: not a field of train.schedule.name 'constant' (it is a field of 'cosine', "
@@ -156,7 +156,7 @@ def test_explain_lists_fields_with_types_bounds_defaults_and_meaning():
            "by train.schedule.name (default 'cosine')" in train
     assert "name: 'constant':" in train and "min_lr_ratio: float in [0, 1] = 0.1" in train  # its sub-sections too
     model = config.explain("model")
-    assert all(f"task: {t!r}:" in model for t in ("clm", "mae", "multimodal"))
+    assert all(f"task: {t!r}:" in model for t in ("clm", "contrastive", "mae", "multimodal"))
     assert "mask_ratio: float in (0, 1) = 0.75" in model and "\ndata.image:" not in model
     whole = config.explain()
     for section in ("run:", "model:", "data.sources:", "data.image:", "train.schedule:", "scaling.workers:", "s3:"):

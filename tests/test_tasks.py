@@ -9,7 +9,7 @@ from PIL import Image
 from raypt import config
 from raypt.config import ConfigError, JobConfig
 from raypt.data.features import BATCH_KEY
-from raypt.tasks import MODALITIES, TASKS, Task, clm, get_task, llama, mae, multimodal
+from raypt.tasks import MODALITIES, TASKS, Task, clm, contrastive, get_task, llama, mae, multimodal
 
 TEXT = {"vocab_size": 64, "seq_len": 12, "eos_id": 0}  # 12 text tokens vs 16 image patches: text rows get padded
 MANIFESTS = {"text": TEXT, "image": {}, "audio": {}}
@@ -59,10 +59,12 @@ def seeded_loss(task: Task, model: torch.nn.Module, data: dict, seed: int = 1) -
 
 
 def test_one_registry_of_typed_tasks():
-    assert TASKS == {"clm": clm.ClmTask, "mae": mae.MaeTask, "multimodal": multimodal.MultimodalTask}
-    assert MODALITIES == {"clm": ("text",), "mae": ("image",), "multimodal": ("text", "image", "audio")}
+    assert TASKS == {"clm": clm.ClmTask, "contrastive": contrastive.ContrastiveTask, "mae": mae.MaeTask,
+                     "multimodal": multimodal.MultimodalTask}
+    assert MODALITIES == {"clm": ("text",), "contrastive": ("image",), "mae": ("image",),
+                          "multimodal": ("text", "image", "audio")}
     assert get_task("mae") is mae.MaeTask and all(TASKS[n].Config().task == n for n in TASKS)
-    with pytest.raises(ConfigError, match="model.task: got 'gpt'; allowed: clm, mae, multimodal"):
+    with pytest.raises(ConfigError, match="model.task: got 'gpt'; allowed: clm, contrastive, mae, multimodal"):
         get_task("gpt")
 
 

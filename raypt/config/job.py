@@ -231,6 +231,11 @@ class JobConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _task_fits(self) -> "JobConfig":
+        self.model.check_job(self)
+        return self
+
+    @model_validator(mode="after")
     def _rollback_restarts(self) -> "JobConfig":
         if self.train.on_nonfinite == "rollback" and self.failure.max_failures == 0:
             raise ValueError("train.on_nonfinite: rollback restarts the run from its last good checkpoint, which "

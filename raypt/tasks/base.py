@@ -3,7 +3,7 @@ of the job (`model:`). Light to import (config imports the registry): torch and 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Optional, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -34,6 +34,10 @@ class TaskConfig(Section):
         if self.num_kv_heads and self.num_heads % self.num_kv_heads:
             raise ValueError(f"model.num_kv_heads: {self.num_kv_heads} must divide model.num_heads ({self.num_heads})")
         return self
+
+    def check_job(self, job: Any) -> None:
+        """Refuse (ValueError naming the field) settings of other sections this task cannot run with; the job's
+        validation calls it once every section is read."""
 
 
 class JobData(Protocol):
@@ -98,6 +102,10 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The scalar fp32 loss of a micro-batch, and the values of `metrics` (empty when it declares none).
         `model` may be a DeepSpeed engine: call it, so ZeRO-3's hooks see every forward."""
+
+    def hooks(self) -> tuple:
+        """Loop hooks this task adds to every run (raypt/hooks/base.py), e.g. an evaluation of its own."""
+        return ()
 
     @abstractmethod
     def tokens_per_sample(self, modality: str) -> int:

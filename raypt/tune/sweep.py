@@ -245,8 +245,9 @@ def check_metric(sweep: SweepConfig, cfg: Any) -> None:
     from raypt.metrics import CORE, source_losses
     from raypt.tasks import get_task
 
-    declared = [*CORE, *source_losses(cfg.data.evaluated()), *get_task(cfg.model.task).metrics, *select(cfg).metrics,
-                *standard_hooks(cfg, None, "", 0).metrics]
+    task = get_task(cfg.model.task)(cfg, {})  # what it declares follows the job (per-head losses), not the data
+    declared = [*CORE, *source_losses(cfg.data.evaluated()), *task.metrics, *select(cfg).metrics,
+                *standard_hooks(cfg, None, "", 0, task.hooks()).metrics]
     names = sorted({m.name for m in declared})
     if sweep.metric not in names:
         raise ConfigError(f"metric: got {sweep.metric!r}, which no run of this job reports; runs report "
