@@ -52,3 +52,13 @@ def raypt_command(*args: str, capture: bool = False) -> str:
                           text=True, stdout=subprocess.PIPE if capture else None)
     print(done.stdout or "", end="")
     return done.stdout or ""
+
+
+def timed_unless_report(name: str, run) -> float:
+    """A paper script's wall time: with `--report`, the one its last full run recorded in results/<name>.json (the
+    tables are rewritten from the runs on disk); otherwise `run()` is timed, the user's commands in order."""
+    if sys.argv[1:] == ["--report"]:
+        return json.loads((RESULTS / f"{name}.json").read_text())["figures"]["wall_s"]
+    began = datetime.datetime.now().timestamp()
+    run()
+    return datetime.datetime.now().timestamp() - began

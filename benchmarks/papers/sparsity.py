@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import raypt_command as raypt, write_result  # noqa: E402
+from common import raypt_command as raypt, timed_unless_report, write_result  # noqa: E402
 
 from raypt.metrics.sink import read_metrics  # noqa: E402
 
@@ -78,17 +77,12 @@ def report(wall: float, fit_output: str) -> None:
     print(table)
 
 
-def main() -> None:
-    if sys.argv[1:] == ["--report"]:  # again from the runs on disk, keeping the recorded wall time
-        wall = json.loads((ROOT / "benchmarks/results/sparsity.json").read_text())["figures"]["wall_s"]
-    else:
-        began = time.time()
-        if not (ROOT / "data/stdlib-512/manifest.json").exists():
-            raypt("data", "prepare", f"{JOBS}/base.yaml")
-        raypt("tune", f"{JOBS}/sweep.yaml")
-        wall = time.time() - began
-    report(wall, raypt("fit-scaling", str(SWEEP.relative_to(ROOT)), "--out", str(PNG.relative_to(ROOT)), capture=True))
+def run() -> None:
+    if not (ROOT / "data/stdlib-512/manifest.json").exists():
+        raypt("data", "prepare", f"{JOBS}/base.yaml")
+    raypt("tune", f"{JOBS}/sweep.yaml")
 
 
 if __name__ == "__main__":
-    main()
+    wall = timed_unless_report("sparsity", run)
+    report(wall, raypt("fit-scaling", str(SWEEP.relative_to(ROOT)), "--out", str(PNG.relative_to(ROOT)), capture=True))
