@@ -1,7 +1,7 @@
 """Driver side, in three steps that a CLI run and a Tune trial share:
 
   start(cfg)   attach to or start Ray, refuse resuming another job's checkpoints, write the resolved config
-  build(cfg)   the TorchTrainer, a pure function of the validated config (plus optional sink, callbacks, hooks)
+  build(cfg)   the TorchTrainer of the validated config (plus optional sink, callbacks, hooks) and its data feed
   finish(cfg)  export the latest good checkpoint, write the summary, mirror the run files to storage
 
 `train(cfg)` runs all three and follows progress on the console.
@@ -49,7 +49,7 @@ def init_ray(env: dict[str, str] | None = None) -> None:
     os.environ.update(env or {})
     for key, value in EMBEDDED_ENV.items():
         os.environ.setdefault(key, value)
-    # Logical CPUs beyond the cores leave room for Ray Data's read tasks beside the train workers.
+    # Logical CPUs beyond the cores leave room for the data feed's read tasks beside the train workers.
     ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), logging_config=quiet)
 
 
@@ -123,10 +123,13 @@ def start(cfg: JobConfig, sink: bool = True) -> Optional[Any]:
 def build(cfg: JobConfig, sink: Optional[Any] = None, callbacks: Optional[list] = None, hooks: tuple = ()):
     """The TorchTrainer of a job. A Tune function trainable calls this with `callbacks=[TuneReportCallback()]`:
     rank 0 reports to Ray at every evaluation and every checkpoint. `hooks` are extra loop hooks (or
-    `(hook, every)` pairs), pickled to the workers."""
+    `(hook, every)` pairs), pickled to the workers. The run's data feed starts here, beside this driver, which
+    owns it: every worker group of the run reads through it (raypt/data/feed.py)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raypt.data.feed import start_feed
+    from raypt.hooks.faults import reader_drill
     from raypt.loop import train_loop
 
     gpu = use_gpu(cfg)
@@ -136,7 +139,8 @@ def build(cfg: JobConfig, sink: Optional[Any] = None, callbacks: Optional[list] 
     fs, base = storage.resolve(cfg.run.storage)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"job": to_dict(cfg), "sink": sink, "hooks": list(hooks)},
+        train_loop_config={"job": to_dict(cfg), "sink": sink, "hooks": list(hooks),
+                           "feed": start_feed(cfg.data.reader_cpus, reader_drill(cfg.faults, run_dir(cfg)))},
         # A collective waits at most as long as a step may take (the step watchdog's limit, raypt/hooks/watchdog.py).
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=math.ceil(f.step_timeout_s)),
         scaling_config=ScalingConfig(num_workers=w if isinstance(w, int) else (w.min, w.max), use_gpu=gpu,

@@ -31,9 +31,10 @@ class Evaluator:
     """A rank's part of every evaluation: each source's validation batches, and the run's metrics of a model on
     them."""
 
-    def __init__(self, cfg: JobConfig, manifests: list[dict], engine: Any, loss: Callable):
-        """`manifests`: the mix's, in mix order (those of the evaluation-only datasets are read here)."""
-        self.cfg, self.engine, self.loss = cfg, engine, loss
+    def __init__(self, cfg: JobConfig, manifests: list[dict], engine: Any, loss: Callable, feed: Any = None):
+        """`manifests`: the mix's, in mix order (those of the evaluation-only datasets are read here); `feed`: the
+        run's (raypt/data/feed.py)."""
+        self.cfg, self.engine, self.loss, self.feed = cfg, engine, loss, feed
         self.manifests = [*manifests, *(read_manifest(s.path) for s in cfg.data.eval_sources)]
         self.metrics = source_losses(cfg.data.evaluated())
         self.reduce = Reducer(self.metrics)
@@ -48,7 +49,7 @@ class Evaluator:
             # batches do (empty where the source has none), and rows keep their source in `position`.
             plan = MixPlan([(0, source)], c.train.global_batch, np.zeros(len(source)))  # one stage: no tokens
             stream = RankStream(self.manifests, plan, "val", c.run.seed, False, split, e.dp_rank,
-                                c.data.prefetch_batches, c.data.image, c.data.audio)
+                                c.data.prefetch_batches, c.data.image, c.data.audio, self.feed)
             out.append(list(stream.batches(0, c.train.eval_batches)))
         return out
 

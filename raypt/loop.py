@@ -28,12 +28,12 @@ preemption.install()
 
 
 class Worker:
-    def __init__(self, cfg: JobConfig, sink, extra_hooks: tuple = ()):
+    def __init__(self, cfg: JobConfig, sink, extra_hooks: tuple = (), feed=None):
         quiet_known_noise()
         keep_host_memory()
         ctx = ray.train.get_context()
         self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
-        self.sink, self.threads = sink, max(1, int(cfg.scaling.cpus_per_worker))
+        self.sink, self.feed, self.threads = sink, feed, max(1, int(cfg.scaling.cpus_per_worker))
         if accelerator() == "cpu":
             torch.set_num_threads(self.threads)
         self.manifests = [read_manifest(s.path) for s in cfg.data.mix()]
@@ -47,7 +47,7 @@ class Worker:
         self.flops = np.array([self.task.flops_per_sample(model, modality(m)) for m in self.manifests])
         self.plan = MixPlan(cfg.data.stage_weights(), cfg.train.global_batch, tokens)
         self.restore(model)
-        self.evaluator = Evaluator(cfg, self.manifests, self.engine, self.task.loss)
+        self.evaluator = Evaluator(cfg, self.manifests, self.engine, self.task.loss, feed)
 
     def restore(self, model: torch.nn.Module) -> None:
         """The engine from the newest checkpoint all ranks verify, else resume_from, else init_from's, else fresh."""
@@ -75,7 +75,7 @@ class Worker:
         c, e = self.cfg, self.engine
         return RankStream(self.manifests, self.plan, "train", c.run.seed, True, Split(c.train.global_batch,
                           e.dp_size, c.train.micro_batch), e.dp_rank, c.data.prefetch_batches, c.data.image,
-                          c.data.audio).batches(first_batch, num_batches)
+                          c.data.audio, self.feed).batches(first_batch, num_batches)
 
     def evaluate(self, val: list[list[dict]]) -> dict:  # the mix by the weights in force at the tokens seen
         return self.evaluator(val, self.plan.stage(self.state.step))
@@ -145,6 +145,6 @@ class Worker:
         self.hooks.fire("end", self)
 
 
-def train_loop(loop_config: dict) -> None:
-    """Entry point Ray Train runs on every worker."""
-    Worker(from_dict(loop_config["job"]), loop_config.get("sink"), tuple(loop_config.get("hooks", ()))).run()
+def train_loop(loop_config: dict) -> None:  # the entry point Ray Train runs on every worker
+    c = loop_config
+    Worker(from_dict(c["job"]), c.get("sink"), tuple(c.get("hooks", ())), c.get("feed")).run()

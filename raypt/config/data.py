@@ -74,8 +74,11 @@ class DataConfig(Section):
     stages: list[StageConfig] = Field(default_factory=list, description="weights that change at token counts")
     eval_sources: list[EvalSourceConfig] = Field(default_factory=list, description="datasets only evaluated: each "
                                                  "reports val_loss/<name>, outside the mixed val_loss and training")
-    prefetch_batches: int = Field(4, ge=0, description="windows of decoded batches Ray Data reads ahead of each "
-                                  "rank; 0 = no read-ahead")
+    prefetch_batches: int = Field(4, ge=0, description="windows of decoded batches each rank asks the run's feed "
+                                  "for ahead of the one in use (so also the read tasks it has in flight); 0 = none")
+    reader_cpus: float = Field(0.25, gt=0, le=16, description="CPUs each read task asks Ray for (block reads and "
+                               "each rank's decoding): below 1, tasks fit beside ranks that hold every core; on "
+                               "a cluster with CPU-only nodes, 1 sends them there when the training nodes are full")
     prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="how `data prepare` makes data.path")
     image: ImageConfig = Field(default_factory=ImageConfig, description="image decoding and augmentation")
     audio: AudioConfig = Field(default_factory=AudioConfig, description="audio clips and log-mel features")

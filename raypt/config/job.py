@@ -112,8 +112,8 @@ class FaultsConfig(Section):
     """Chaos drills: each fault fires once per run, never again after the restart it causes (unless `repeat`)."""
     kill_at_step: Optional[int] = Field(None, ge=1, description="SIGKILL the worker process of kill_rank at this "
                                         "step; None = never")
-    kill_rank: int = Field(0, ge=0, description="the rank kill_at_step, sigterm_at_step, hang_at_step and "
-                           "nan_loss_at_step hit")
+    kill_rank: int = Field(0, ge=0, description="the rank kill_at_step, sigterm_at_step, hang_at_step, "
+                           "nan_loss_at_step and kill_reader_at_step hit")
     hang_at_step: Optional[int] = Field(None, ge=1, description="make kill_rank stop making progress before this "
                                         "step (a stuck rank, for failure.step_timeout_s); None = never")
     nan_loss_at_step: Optional[int] = Field(None, ge=1, description="make kill_rank's loss (and so its gradients) "
@@ -122,6 +122,9 @@ class FaultsConfig(Section):
                                          "None = never")
     sigterm_at_step: Optional[int] = Field(None, ge=1, description="SIGTERM the worker process of kill_rank at "
                                            "this step (a preemption); None = never")
+    kill_reader_at_step: Optional[int] = Field(None, ge=1, description="SIGKILL the read task that decodes "
+                                               "kill_rank's samples of this step, mid-task, once (repeat does not "
+                                               "apply: Ray runs the task again); None = never")
     corrupt_checkpoint_at_step: Optional[int] = Field(None, ge=1, description="tear rank 0's shard of this step's "
                                                       "checkpoint after it is written; None = never")
     repeat: bool = Field(False, description="fire on every attempt, not once per run: a drill of a run that can "

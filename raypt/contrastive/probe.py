@@ -69,7 +69,7 @@ class Probe(Hook):
         rows = GlobalOrder(manifest, split, c.run.seed, shuffle=False).rows
         stream = RankStream([manifest], MixPlan([(0, np.ones(1))], c.train.global_batch, np.zeros(1)), split,
                             c.run.seed, False, Split(c.train.global_batch, e.dp_size, c.train.micro_batch),
-                            e.dp_rank, c.data.prefetch_batches, c.data.image, c.data.audio)
+                            e.dp_rank, c.data.prefetch_batches, c.data.image, c.data.audio, loop.feed)
         batches = stream.batches(0, -(-rows // c.train.global_batch))
         return [{"sample_id": b["sample_id"], "label": b["label"], "pixel_values": b["pixel_values"][:, 0]}
                 for b in batches]

@@ -26,8 +26,8 @@ FlipChance = Annotated[Chance, BeforeValidator(lambda v: (0.5 if v else 0.0) if 
 
 
 class ImageConfig(Section):
-    """Image decoding and training augmentations (done in Ray Data read tasks, seeded by each sample's place in the
-    global order, so a resumed run repeats them exactly); evaluation fits the whole image, unaugmented."""
+    """Image decoding and training augmentations (done in the feed's read tasks, seeded by each sample's place in
+    the global order, so a resumed run repeats them exactly); evaluation fits the whole image, unaugmented."""
     size: int = Field(32, ge=8, description="side in pixels of the square crops fed to the model")
     augment: list[Augment] = Field(
         ["crop", "flip", "jitter"], description="the augmentation types of training views, applied in this fixed "

@@ -39,20 +39,41 @@ class GlobalOrder:
             return np.arange(size)
         return np.random.default_rng([self.seed, epoch, block]).permutation(size)
 
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Global positions -> (file index, row group, row inside the group)."""
+    def blocks(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global positions -> (epoch, shuffle block of that epoch, place in the block's order)."""
         epochs, offsets = np.divmod(positions, self.rows)
-        files, groups, rows = (np.empty(len(positions), dtype=np.int64) for _ in range(3))
+        blocks, places = np.empty_like(epochs), np.empty_like(epochs)
         for epoch in np.unique(epochs):
             sel = np.nonzero(epochs == epoch)[0]
-            perm, chunk_starts, block_starts = self._layout(int(epoch))
-            block = np.searchsorted(block_starts, offsets[sel], side="right") - 1
-            shuffled = offsets[sel].copy()
-            for b in np.unique(block):
-                here = block == b
-                start, end = block_starts[b], block_starts[b + 1]
-                perm_rows = self._block_rows(int(epoch), int(b), int(end - start))
-                shuffled[here] = start + perm_rows[offsets[sel][here] - start]
+            block_starts = self._layout(int(epoch))[2]
+            blocks[sel] = np.searchsorted(block_starts, offsets[sel], side="right") - 1
+            places[sel] = offsets[sel] - block_starts[blocks[sel]]
+        return epochs, blocks, places
+
+    def block(self, epoch: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A shuffle block as storage holds it: its chunks' (file, row group) in the epoch's chunk order, and the
+        row of those chunks' concatenation at each place of the block's order."""
+        perm = self._layout(epoch)[0]
+        chunks = perm[block * self.block_chunks:(block + 1) * self.block_chunks]  # blocks start at chunk starts
+        rows = self._block_rows(epoch, block, self.block_size(epoch, block))
+        return self.chunk_file[chunks], self.chunk_group[chunks], rows
+
+    def block_size(self, epoch: int, block: int) -> int:
+        block_starts = self._layout(epoch)[2]
+        return int(block_starts[block + 1] - block_starts[block])
+
+    def block_end(self, epoch: int, block: int) -> int:
+        """The position just past a block: once a source has given that many samples, nothing needs the block."""
+        return epoch * self.rows + int(self._layout(epoch)[2][block + 1])
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global positions -> (file index, row group, row inside the group)."""
+        files, groups, rows = (np.empty(len(positions), dtype=np.int64) for _ in range(3))
+        epochs, blocks, places = self.blocks(positions)
+        for epoch, block in {(int(e), int(b)) for e, b in zip(epochs, blocks)}:
+            sel = np.nonzero((epochs == epoch) & (blocks == block))[0]
+            perm, chunk_starts, block_starts = self._layout(epoch)
+            shuffled = block_starts[block] + self._block_rows(epoch, block, self.block_size(epoch, block))[places[sel]]
             slot = np.searchsorted(chunk_starts, shuffled, side="right") - 1
             chunk = perm[slot]
             files[sel], groups[sel] = self.chunk_file[chunk], self.chunk_group[chunk]

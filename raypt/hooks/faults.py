@@ -19,24 +19,15 @@ class InjectedFault(RuntimeError):
 
 class Faults(Hook):
     """`faults:` of the job: SIGKILL, SIGTERM or hang a rank before a step, make its loss NaN at a step, raise on
-    rank 0, tear a checkpoint."""
+    rank 0, tear a checkpoint. (The read task a fault kills is killed by the feed's task, raypt/data/feed.py.)"""
 
     def __init__(self, cfg: Any, run_uri: str, rank: int):
         self.cfg, self.run_uri, self.rank = cfg, run_uri, rank
         self.poisoned = None  # the forward hook that makes this step's loss NaN, until the step ends
 
     def _fire_once(self, name: str, step: int) -> bool:
-        """Write the marker before firing, so the restart the fault causes never fires it again (unless the drill
-        repeats on every attempt)."""
-        if self.cfg.repeat:
-            return True
-        marker = storage.join(self.run_uri, "faults", f"{name}.json")
-        try:
-            storage.read_json(marker)
-            return False
-        except FileNotFoundError:
-            storage.write_json(marker, {"fault": name, "step": step, "rank": self.rank, "time": time.time()})
-            return True
+        return self.cfg.repeat or fire_once(marker(self.run_uri, name),
+                                            {"fault": name, "step": step, "rank": self.rank})
 
     def before_step(self, loop: Any, step: int) -> None:
         c = self.cfg
@@ -77,9 +68,32 @@ def nan_output(output: Any) -> Any:
     return output
 
 
+def marker(run_uri: str, name: str) -> str:
+    return storage.join(run_uri, "faults", f"{name}.json")
+
+
+def fire_once(uri: str, record: dict) -> bool:
+    """Write the marker before firing, so the restart (or retry) the fault causes never fires it again: whether
+    this is the first time."""
+    try:
+        storage.read_json(uri)
+        return False
+    except FileNotFoundError:
+        storage.write_json(uri, {**record, "time": time.time()})
+        return True
+
+
+def reader_drill(cfg: Any, run_uri: str) -> dict | None:
+    """faults.kill_reader_at_step as the stream's drill (raypt/data/feed.py kills the read task); batch b is
+    step b + 1's."""
+    if cfg.kill_reader_at_step is None:
+        return None
+    return {"batch": cfg.kill_reader_at_step - 1, "rank": cfg.kill_rank, "marker": marker(run_uri, "kill_reader")}
+
+
 def fired(run_uri: str, name: str) -> dict | None:
     """The marker of a fault that fired (step, rank, time), for tests and the recovery benchmark."""
     try:
-        return storage.read_json(storage.join(run_uri, "faults", f"{name}.json"))
+        return storage.read_json(marker(run_uri, name))
     except FileNotFoundError:
         return None
