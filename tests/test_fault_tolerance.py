@@ -186,8 +186,6 @@ def test_fp16_loss_scale_round_trips_through_the_checkpoint_state():
     """fp16 does not train on DeepSpeed's CPU accelerator here ("Type fp16 is not supported on your device"), so
     this checks the saved state on DeepSpeed's own scaler objects: a fresh scaler given the state of one that has
     seen overflows makes the same decisions from then on."""
-    import json
-
     from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, LossScaleConfig
 
     from raypt.hooks.loss_scale import read, write

@@ -88,6 +88,24 @@ def test_stream_delivers_the_ordered_rows_and_resumes_mid_run(ray_cluster, tiny_
     assert np.array_equal(resumed, got[-len(resumed):])
 
 
+def test_ranks_on_one_feed_read_each_block_once_and_get_exactly_their_rows(ray_cluster, tiny_data):
+    from raypt.data.feed import Feed
+
+    m, feed, world, batches = read_manifest(tiny_data), Feed(), 4, 300
+    order = GlobalOrder(m, "train", seed=0)
+    streams = [RankStream([m], single(8), "train", 0, True, Split(8, world, 2), rank=r, prefetch=1,
+                          image_cfg=ImageConfig(), audio_cfg=AudioConfig(), feed=feed) for r in range(world)]
+    for rank, stream in enumerate(streams):  # one after another: the feed keeps what the ranks behind still need
+        got = np.concatenate([b["sample_id"].numpy() for b in stream.batches(0, batches)])
+        assert np.array_equal(got, sample_ids(m, order, rank_positions(0, batches, 8, world, rank)))
+    epochs, blocks, _ = order.blocks(np.arange(batches * 8))
+    assert len({(int(e), int(b)) for e, b in zip(epochs, blocks)}) >= 3  # the run crosses shuffle blocks
+    files, groups, _ = order.locate(np.arange(batches * 8))
+    held = {(int(f), int(g)) for f, g in zip(files, groups)}  # the row groups the run's samples lie in
+    rows = sum(order.files[f]["row_groups"][g] for f, g in held)
+    assert sum(feed.rows_read().values()) == rows  # each read once, not once per rank
+
+
 def test_stream_reads_shards_from_s3_as_from_local_disk(ray_cluster, s3_endpoint, tiny_data):
     import boto3
     import pyarrow.fs as pafs

@@ -423,8 +423,8 @@ def test_digits_prepare_again_byte_for_byte_at_the_configured_side(digits_data, 
 
 
 def window_batches(stream, count: int) -> list[dict]:
-    """A stream's micro-batches of global batches 0..count-1, read and cut in this process (no Ray Data)."""
-    packed = stream.read_window({"start": np.array([0]), "count": np.array([count])})["window"][0]
+    """A stream's micro-batches of global batches 0..count-1, read and cut in this process (no Ray)."""
+    packed = stream.mix.read_window(0, count, stream.batch_split.ranks, stream.rank)
     with np.load(io.BytesIO(packed), allow_pickle=False) as window:
         return list(stream.micro_batches(dict(window)))
 
