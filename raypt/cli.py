@@ -117,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
         preflight.check_prepare(cfg)
         from raypt.data.prepare import prepare
 
+        if any(source.prepare.parallel != 1 for source in cfg.data.mix()):
+            from raypt.driver import init_ray
+
+            init_ray(cfg.s3.env())  # tasks on this machine's cores, or the nodes of a cluster (RAY_ADDRESS)
         for source in cfg.data.mix():
             manifest = prepare(source.path, source.prepare, cfg.data)
             rows = {k: v["rows"] for k, v in manifest["splits"].items()}

@@ -19,8 +19,10 @@ class PrepareConfig(Section):
         "(images), digits (scikit-learn's 1,797 labelled 8x8 handwritten digits, upsampled bilinearly to "
         "image_max_side, 32 px when None; each class split by val_fraction, labels kept for evaluation only) and "
         "stdlib-audio; text, images and audio read data.prepare.inputs")
-    inputs: list[Location] = Field(default_factory=list, description="text: .txt/.jsonl/.parquet; images: image "
-                                   "files or .parquet; audio: .wav/.flac (local paths are made absolute)")
+    inputs: list[Location] = Field(default_factory=list, description="text: .txt/.jsonl/.parquet (a glob may also "
+                                   "name other files, each read as one plain-text document, e.g. src/**/*.py); "
+                                   "images: image files or .parquet; audio: .wav/.flac (local paths are made "
+                                   "absolute)")
     text_field: str = Field("text", min_length=1, description="JSONL key or Parquet column holding a document")
     image_field: str = Field("image", min_length=1, description="Parquet column holding encoded image bytes")
     image_max_side: Optional[int] = Field(None, ge=8, description="store images shrunk to this longest side in "
@@ -38,6 +40,16 @@ class PrepareConfig(Section):
                                 "held out for validation; each split gets at least one")
     rows_per_group: int = Field(256, ge=1, description="samples per Parquet row group, the unit of reads and of "
                                 "shuffling")
+    max_memory_mb: int = Field(1024, ge=16, description="memory the preparation may add to each process that runs "
+                               "it (the driver and every task), whatever the corpus size: it sizes the input one "
+                               "task reads (1/32), the tokenizer's training sample (1/16 of it in text) and the "
+                               "batches tokenized at once; what a process holds when it starts (Python, Ray, the "
+                               "tokenizer library) comes on top. Only the training sample changes the output")
+    parallel: Optional[int] = Field(None, ge=1, description="Ray tasks that read, check and tokenize inputs at "
+                                    "once; 1 = all in this process, without Ray; None = one per CPU of the Ray "
+                                    "cluster (`raypt data prepare` attaches to RAY_ADDRESS or starts one on this "
+                                    "machine), 1 where none is up. Shards and manifest are the same bytes at any "
+                                    "value")
 
 
 class SourceConfig(Section):

@@ -25,23 +25,31 @@ DIGIT_SIDE = 32  # digits' default stored side: 8 px is too small for random cro
 SITE_PACKAGES = ("deepspeed", "matplotlib", "numpy", "pyarrow", "pydantic", "scipy", "skimage")
 
 
-def read_tree(root: Path, patterns: tuple[str, ...], max_bytes: int,
-              skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, str]]:
-    """(path relative to root, text) of every UTF-8 file matching a glob, in sorted path order, until max_bytes
-    characters are read: the same install always gives the same corpus, and names (which decide the val split)
-    do not depend on where Python is installed. Files under a folder named in `skip` are left out."""
+def read_source(path: Path) -> str | None:
+    """A corpus file's text; None (left out, not a bad record) when it is not UTF-8, unreadable or blank."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+    return text if text.strip() else None
+
+
+def tree(root: Path, patterns: tuple[str, ...], skip: frozenset[str] = frozenset()) -> list[Path]:
+    """Every file under root matching a glob, in sorted path order, less those under a folder named in `skip`."""
+    files = sorted({f for pattern in patterns for f in root.glob(pattern)})
+    return [f for f in files if not skip.intersection(f.relative_to(root).parts)]
+
+
+def read_tree(root: Path, files: list[Path], max_bytes: int) -> Iterator[tuple[str, str]]:
+    """(path relative to root, text) of each readable file in order, until max_bytes characters are read: the
+    same install always gives the same corpus, and names (which decide the val split) do not depend on where
+    Python is installed."""
     total = 0
-    for f in sorted({f for pattern in patterns for f in root.glob(pattern)}):
-        rel = f.relative_to(root)
-        if skip.intersection(rel.parts):
+    for f in files:
+        text = read_source(f)
+        if text is None:
             continue
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if not text.strip():
-            continue
-        yield str(rel), text
+        yield str(f.relative_to(root)), text
         total += len(text)
         if total >= max_bytes:
             return
@@ -56,9 +64,10 @@ def package_folder(name: str, source: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def text_documents(source: str, max_bytes: int) -> list[tuple[str, str]]:
-    """The documents of a code corpus of the install. stdlib: the Python standard library; cpp-headers: the C/C++
-    headers of the torch wheel (a strong shift from Python); site-python: the sources of SITE_PACKAGES (a weak one)."""
+def source_files(source: str) -> tuple[Path, list[Path]]:
+    """The root and files of a code corpus of the install. stdlib: the Python standard library; cpp-headers: the
+    C/C++ headers of the torch wheel (a strong shift from Python); site-python: the sources of SITE_PACKAGES (a weak
+    one)."""
     if source == "stdlib":
         root, patterns, skip = Path(sysconfig.get_paths()["stdlib"]), ("**/*.py",), PYTHON_SKIP
     elif source == "cpp-headers":
@@ -66,10 +75,16 @@ def text_documents(source: str, max_bytes: int) -> list[tuple[str, str]]:
     else:
         root, skip = Path(sysconfig.get_paths()["purelib"]), PYTHON_SKIP
         patterns = tuple(f"{package}/**/*.py" for package in SITE_PACKAGES)
-    docs = list(read_tree(root, patterns, max_bytes, skip))
-    if not docs:
+    files = tree(root, patterns, skip)
+    if not files:
         raise ConfigError(f"data.prepare.source: '{source}' found no {' or '.join(patterns)} file under {root}")
-    return docs
+    return root, files
+
+
+def text_documents(source: str, max_bytes: int) -> list[tuple[str, str]]:
+    """The (name, text) documents of a code corpus, whole files in sorted path order up to max_bytes characters,
+    as `data prepare` reads them."""
+    return list(read_tree(*source_files(source), max_bytes))
 
 
 def packaged_inputs(source: str) -> list[str]:

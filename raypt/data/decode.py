@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -27,12 +28,18 @@ class BadRecord(ValueError):
     """A sample that cannot be decoded; the message names what was wrong."""
 
 
+def _reason(err: BaseException) -> str:
+    """The decoder's message without object addresses (PIL names its buffer `<... object at 0x7f...>`), so a
+    manifest that lists it is the same bytes at every preparation."""
+    return re.sub(r" at 0x[0-9a-fA-F]+>", ">", str(err))
+
+
 def decode_image(data: bytes) -> Image.Image:
     """RGB whatever the stored mode; convert() decodes every pixel, so truncation surfaces here, not later."""
     try:
         return Image.open(io.BytesIO(data)).convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        raise BadRecord(f"undecodable image ({len(data)} bytes): {err}") from err
+        raise BadRecord(f"undecodable image ({len(data)} bytes): {_reason(err)}") from err
 
 
 def _crop_box(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator) -> tuple[int, ...]:
@@ -126,7 +133,7 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
-        raise BadRecord(f"undecodable audio ({len(data)} bytes): {err}") from err
+        raise BadRecord(f"undecodable audio ({len(data)} bytes): {_reason(err)}") from err
     if samples.size == 0:
         raise BadRecord(f"audio has no samples ({len(data)} bytes)")
     return samples.mean(axis=1), rate
