@@ -17,10 +17,6 @@ def quiet_known_noise() -> None:
     # The autograd all_gather the contrastive loss gathers negatives with (raypt/contrastive/loss.py), every step.
     warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -1,4 +1,4 @@
-"""Decode stored, still-encoded samples into training arrays inside Ray Data read tasks.
+"""Decode stored, still-encoded samples into training arrays inside the data feed's window tasks.
 
 Every random choice is drawn from an explicit numpy Generator that the caller seeds from (seed, global sample
 position), so a resumed run reproduces the exact augmentations; `rng=None` means evaluation: no randomness at all.
