@@ -161,3 +161,33 @@ def test_sweep_submitted_with_ray_job_submit_succeeds(head, make_job, tmp_path):
     assert proc.returncode == 0 and "' succeeded" in shown, shown[-3000:]
     status = json.load(open(tmp_path / "sweeps" / "submitted" / "trials.json"))
     assert sorted(status.values()) == ["finished", "finished"]
+
+
+def test_data_prepare_submitted_to_the_cluster_writes_what_one_process_writes(head, make_job, tmp_path):
+    """`ray job submit -- raypt data prepare JOB` with 4 Ray tasks on the two-node cluster: the same files as a
+    preparation in this process alone."""
+    from raypt.data.prepare import prepare
+
+    address, env = head
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        lines = [json.dumps({"text": f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" * (1 + j % 5)}) for j in range(400)]
+        (tmp_path / "in" / f"part{i}.jsonl").write_text("\n".join(lines) + "\n")
+    body = config.to_dict(make_job())
+    body["data"]["path"] = str(tmp_path / "submitted")
+    body["data"]["prepare"].update(source="text", inputs=[str(tmp_path / "in")], seq_len=32, vocab_size=300,
+                                   max_memory_mb=16, parallel=4)
+    job = tmp_path / "prepare.yaml"
+    job.write_text(yaml.safe_dump(body))
+    proc = subprocess.run([f"{BIN}/ray", "job", "submit", "--address", address, "--", "raypt", "data", "prepare",
+                           str(job)], env=env, capture_output=True, text=True, timeout=600)
+    shown = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in shown, shown[-3000:]
+    cfg = config.load(str(job), ["data.prepare.parallel=1", f"data.path={tmp_path / 'here'}"], check_data=False)
+    prepare(cfg.data.path, cfg.data.prepare)
+
+    def files(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    submitted = files(tmp_path / "submitted")
+    assert len([p for p in submitted if str(p).endswith(".parquet")]) >= 2 and submitted == files(tmp_path / "here")
