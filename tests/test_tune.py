@@ -214,10 +214,10 @@ def test_killed_sweep_driver_continues_without_rerunning_finished_trials(ray_clu
     import ray
 
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(config.to_dict(make_job(*TINY_TRIAL, "train.steps=200", "checkpoint.every=5",
+    job.write_text(yaml.safe_dump(config.to_dict(make_job(*TINY_TRIAL, "train.steps=50", "checkpoint.every=5",
                                                           "train.eval_every=100"))))
     path = write_sweep(tmp_path, str(job), name="killed", concurrency=1,
-                       search={"train.steps": {"grid": [4, 200]}})
+                       search={"train.steps": {"grid": [4, 50]}})
     folder = str(tmp_path / "sweeps" / "killed")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "raypt", "tune", path]
@@ -227,7 +227,7 @@ def test_killed_sweep_driver_continues_without_rerunning_finished_trials(ray_clu
 
     def long_trial_checkpointed() -> bool:
         rows = sweep_rows(folder) if os.path.exists(os.path.join(folder, "sweep.yaml")) else {}
-        long = [t for t, r in rows.items() if (r["job"].get("train") or {}).get("steps") == 200]
+        long = [t for t, r in rows.items() if (r["job"].get("train") or {}).get("steps") == 50]
         return bool(long) and latest_good(os.path.join(folder, long[0]), log=lambda m: None) is not None
     try:
         while not long_trial_checkpointed():
@@ -238,7 +238,7 @@ def test_killed_sweep_driver_continues_without_rerunning_finished_trials(ray_clu
         proc.wait()
     rows = sweep_rows(folder)
     short = next(t for t, r in rows.items() if r["job"]["train"]["steps"] == 4)
-    long = next(t for t, r in rows.items() if r["job"]["train"]["steps"] == 200)
+    long = next(t for t, r in rows.items() if r["job"]["train"]["steps"] == 50)
     finished_before = records(folder, short)
     assert finished_before[-1]["step"] == 4
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -246,7 +246,7 @@ def test_killed_sweep_driver_continues_without_rerunning_finished_trials(ray_clu
     assert "continuing sweep killed" in done.stdout + done.stderr
     assert records(folder, short) == finished_before  # not re-run
     steps = [r["step"] for r in records(folder, long)]
-    assert steps == list(range(201)), "each step of the interrupted trial recorded once"
+    assert steps == list(range(51)), "each step of the interrupted trial recorded once"
     resumed = [r for r in records(folder, long) if "resumed_from" in r]
     assert len(resumed) == 1 and resumed[0]["resumed_from"] >= 5
     assert json.load(open(os.path.join(folder, "trials.json"))) == {short: "finished", long: "finished"}
@@ -272,9 +272,12 @@ def test_pbt_exploit_continues_from_the_donors_weights_and_data(ray_cluster, mak
 
     # The whole population at once (PBT pauses every trial at each interval while any waits for resources):
     # fractional workers, so both 1-worker trials and their readers fit the cluster's 4 logical CPUs. Of two
-    # trials, the worse one (its LR too small to learn) continues from the better at each interval.
-    sweep, base = tiny_sweep(tmp_path, make_job, ("train.steps=12", "scaling.cpus_per_worker=0.45"), name="pbt",
-                             concurrency=2, scheduler={"name": "pbt", "interval": 2, "quantile_fraction": 0.5},
+    # trials, the worse one (its LR too small to learn) continues from the better at step 4 (of 6); synchronous, so that
+    # it does not depend on which trial starts first (asynchronous PBT skips a decision while a trial has no
+    # score yet).
+    sweep, base = tiny_sweep(tmp_path, make_job, ("train.steps=6", "scaling.cpus_per_worker=0.45"), name="pbt",
+                             concurrency=2, scheduler={"name": "pbt", "interval": 4, "quantile_fraction": 0.5,
+                                                       "synch": True},
                              search={"train.lr": {"grid": [1e-5, 3e-3]}})
     folder = run_sweep(sweep, base)
     rows = sweep_rows(folder)
@@ -284,8 +287,8 @@ def test_pbt_exploit_continues_from_the_donors_weights_and_data(ray_cluster, mak
         donor = first["continued_from"]
         assert donor["trial"] != trial and set(donor["values"]) == {"train.lr"}
         assert f"<-{donor['trial']}@{donor['step']}" in rows[trial]["lineage"]
-        if donor["step"] == 12:  # a slow trial may take a donor's last checkpoint: nothing is left to train
-            assert first["step"] == 12 and "loss" not in first
+        if donor["step"] == 6:  # a donor's last checkpoint (a tie at the end): nothing is left to train
+            assert first["step"] == 6 and "loss" not in first
             continue
         assert first["step"] == donor["step"] + 1
         donor_loss = next(r["loss"] for r in records(folder, donor["trial"]) if r["step"] == first["step"])

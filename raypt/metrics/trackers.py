@@ -33,6 +33,11 @@ class Tracker:
     def needs(cls) -> tuple[str, ...]:
         return cls.modules
 
+    @classmethod
+    def prepare(cls, group: str) -> None:
+        """Once, in a sweep's driver, before its trials start: what the group's runs share (created here, not by
+        concurrent trials racing to create it)."""
+
     def start(self, run_name: str, group: Optional[str], config: dict, folder: str) -> None:
         """`config` is the resolved job, `folder` the run's local folder (for files the tracker keeps)."""
 
@@ -127,6 +132,19 @@ def database_uri(uri: str) -> bool:
     return not uri or uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql")
 
 
+def experiment(client: "mlflow.MlflowClient", name: str) -> str:
+    """The id of the MLflow experiment `name`, created if the store does not hold it."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
 class MLflow(Service):
     """One MLflow run per raypt run, in the experiment named by run.group (else by the run): the resolved job as
     params and as the artifact config.yaml, every metric at its step. Tracking URI from MLFLOW_TRACKING_URI."""
@@ -139,6 +157,14 @@ class MLflow(Service):
         sql = database_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))
         return ("mlflow", "sqlalchemy", "alembic") if sql else ("mlflow",)
 
+    @classmethod
+    def prepare(cls, group: str) -> None:
+        # A file store checks the name and then writes a new id: two trials creating it at once would make two
+        # experiments of one name, and the sweep's runs would be split between them.
+        from mlflow import MlflowClient
+
+        experiment(MlflowClient(), group)
+
     def start(self, run_name: str, group: Optional[str], config: dict, folder: str) -> None:
         import yaml
         from mlflow import MlflowClient
@@ -150,7 +176,7 @@ class MLflow(Service):
         run = self.existing(saved.get("id"))
         if run is None:
             tags = {"raypt.run": run_name, **({"raypt.group": group} if group else {})}
-            run = self.client.create_run(self.experiment(group or run_name), tags=tags, run_name=run_name)
+            run = self.client.create_run(experiment(self.client, group or run_name), tags=tags, run_name=run_name)
             saved = {"step": -1}
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
@@ -175,17 +201,6 @@ class MLflow(Service):
         except MlflowException:
             return None
         return run if run.info.lifecycle_stage == "active" else None
-
-    def experiment(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException:  # another trial of the sweep created it first
-            return self.client.get_experiment_by_name(name).experiment_id
 
     def send(self, records: list[dict]) -> None:
         from mlflow.entities import Metric

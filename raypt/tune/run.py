@@ -55,7 +55,7 @@ def scheduler(sweep: SweepConfig, job: Any) -> Any:
         mutations = {k: d.mutation() for k, d in sweep.search.items()}
         return PopulationBasedTraining(time_attr="step", perturbation_interval=s.interval,
                                        quantile_fraction=s.quantile_fraction,
-                                       resample_probability=s.resample_probability,
+                                       resample_probability=s.resample_probability, synch=s.synch,
                                        hyperparam_mutations={"values": mutations})
     return FIFOScheduler()
 
@@ -104,6 +104,8 @@ def run_sweep(sweep: SweepConfig, job: dict) -> str:
     space = check_trials(sweep, job)  # before any cluster work: a bad sweep fails in seconds
     base = config.from_dict(job)
     trackers.check(base.run.trackers)
+    for name in base.run.trackers:
+        trackers.TRACKERS[name].prepare(sweep.name)
     os.environ.update(base.s3.env())
     init_ray(base.s3.env())
     at_once = concurrency(sweep, base, ray.cluster_resources().get("CPU", 0))

@@ -40,6 +40,9 @@ class Pbt(Section):
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="share of trials that copy and that are copied")
     resample_probability: float = Field(0.25, ge=0, le=1, description="chance a value is drawn anew rather than "
                                         "perturbed by x0.8 or x1.2")
+    synch: bool = Field(False, description="decide only when every trial has reached the interval (Ray's "
+                        "synchronous PBT): no trial copies from one that is still starting, at the cost of waiting "
+                        "for the slowest")
 
 
 SCHEDULERS = {"fifo": Fifo, "asha": Asha, "pbt": Pbt}
