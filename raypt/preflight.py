@@ -155,7 +155,7 @@ def check_init(cfg: Any, manifests: list[dict]) -> None:
     import torch
 
     from raypt.checkpoint import CheckpointError
-    from raypt.checkpoint.init import check_shapes, holds_checkpoint, model_shapes, source_shapes
+    from raypt.checkpoint.init import check_shapes, is_checkpoint, model_shapes, source_shapes
     from raypt.tasks import by_modality, get_task
 
     uri = cfg.run.init_from.path
@@ -165,7 +165,7 @@ def check_init(cfg: Any, manifests: list[dict]) -> None:
         raise ConfigError(f"run.init_from.path: '{uri}' is not a folder; expected a checkpoint folder such as "
                           "runs/NAME/step000100 or a Hugging Face model folder")
     try:
-        if cfg.run.init_from.optimizer == "keep" and not holds_checkpoint(uri):
+        if cfg.run.init_from.optimizer == "keep" and not is_checkpoint(uri):
             raise CheckpointError(f"optimizer: keep, but '{uri}' is not a raypt checkpoint and so holds no "
                                   "optimizer state; use optimizer: reset")
         found = source_shapes(uri)

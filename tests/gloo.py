@@ -43,12 +43,23 @@ def rank_batches(step: int, dp_size: int, dp_rank: int):
     return iter({"input_ids": rows[cut], "weight": weight} for cut, weight in split.micro_slices(dp_rank))
 
 
-def build(cfg, world: int, rank: int, restore=None):
+FROZEN = "model.norm.weight"  # with build(frozen=True): a frozen parameter, as MAE's fixed position embeddings
+
+
+def frozen_values(saved: bool) -> torch.Tensor:
+    """The frozen parameter's values: its own in a trained run; zeros in a resumed build, so that only the
+    restore can bring the saved ones back."""
+    return torch.linspace(0.5, 1.5, 32) if saved else torch.zeros(32)
+
+
+def build(cfg, world: int, rank: int, restore=None, frozen: bool = False):
     from raypt.engines import Topology, select
     from raypt.tasks import get_task
 
     task = get_task("clm")(cfg, {"text": TEXT})
     model = task.build_model(cfg.run.seed)
+    if frozen:
+        model.get_parameter(FROZEN).requires_grad_(False).data.copy_(frozen_values(saved=restore is None))
     return task, select(cfg).build(model, cfg, Topology.data_parallel(world, rank), restore)
 
 

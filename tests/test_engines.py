@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from gloo import build, job, run_group, train
+from gloo import FROZEN, build, frozen_values, job, run_group, train
 from raypt.hooks import Hook, Hooks
 
 STAGES = (0, 1, 2, 3)
@@ -43,7 +43,7 @@ def save_every_stage(rank: int, world: int, out_dir: str) -> dict:
     out = {}
     for stage in STAGES:
         cfg = job(stage)
-        task, engine = build(cfg, world, rank)
+        task, engine = build(cfg, world, rank, frozen=True)
         losses = train(task, engine, range(1, 3))
         hooks = Hooks()
         hooks.add(Probe())
@@ -59,12 +59,13 @@ def resume_every_stage(rank: int, world: int, out_dir: str, shift: int) -> dict:
     out = {}
     for saved in STAGES:
         reader = Reader(os.path.join(out_dir, f"zero{saved}"))
-        task, engine = build(job((saved + shift) % 4), world, rank, reader)
+        task, engine = build(job((saved + shift) % 4), world, rank, reader, frozen=True)
         hooks, probe = Hooks(), Probe()
         hooks.add(probe)
         hooks.start(None, reader)
+        frozen = {s.start: s.master.tolist() for s in engine.shards() if s.name == FROZEN}
         out[saved] = {"losses": train(task, engine, range(3, 5)), "probe": probe.restored,
-                      "world_size": reader.state.world_size}
+                      "world_size": reader.state.world_size, "frozen": frozen}
     return out
 
 
@@ -95,6 +96,11 @@ def test_checkpoint_resumes_at_another_world_size_and_stage_with_hook_state(save
             probe = got[rank][str(stage)]["probe"]
             assert probe["state"] == {"seen": [1, 2], "phase": "warm"}
             assert probe["tensors"] == {"mask": [i % 3 == 0 for i in range(10)], "counts": [7, 8, 9]}
+        # the frozen weights come back (not the zeros the resumed build starts them at), each rank's share
+        held = [(int(start), v) for rank in got for start, v in rank[str(stage)]["frozen"].items()]
+        expected = frozen_values(saved=True).tolist()
+        assert all(v == expected[start:start + len(v)] for start, v in held), (stage, world, held)
+        assert {start + i for start, v in held for i in range(len(v))} == set(range(len(expected)))
 
 
 def offload_or_not(rank: int, world: int, out_dir: str) -> dict:
@@ -292,3 +298,5 @@ def test_resume_from_that_does_not_verify_is_refused(tmp_path):
                        match=r"run\.resume_from=.*source/state-00000-of-00002\.safetensors is unreadable"):
         with newest_verified(str(tmp_path / "run"), str(tmp_path / "source"), print):
             pass
+
+

@@ -1,32 +1,40 @@
 """The checkpoint index (`raypt_state.json`): one versioned file that says what a checkpoint holds.
 
-Format 2 lists every file (size, CRC-32) and every tensor (its file, shape, the slice it holds, CRC-32) by name:
-`param/NAME`, `exp_avg/NAME`, `exp_avg_sq/NAME` for each model parameter, and `hook/HOOK/NAME` for what a loop
-hook keeps; plus each hook's JSON state, the resolved job config and the settings that shape the trajectory.
+Format 2 lists every file (size, CRC-32) and every stored tensor (its file, dtype, CRC-32) by name: `param/NAME`,
+`exp_avg/NAME`, `exp_avg_sq/NAME` for each model parameter, and `hook/HOOK/NAME` for what a loop hook keeps; plus
+each hook's JSON state, the resolved job config and the settings that shape the trajectory. A tensor is stored
+whole (`slice` null) or as slices of its flattened form, each where the rank holding it wrote it: an entry named
+`KEY[start:stop]` with `tensor: KEY`, `slice: [start, stop]` and the full `shape`. Slices tile the tensor; which
+ranks wrote them is not recorded because no reader needs it, so any world size, stage or engine reads any range.
 Format 1 (before the index) listed only file sizes; such checkpoints still load: their tensors are found by
 reading the shards' own headers. Rank 0 writes the index after every rank has written its shard, so a
 checkpoint without one was never committed.
 
 Trust comes in two steps: `read_state` checks that every listed file is there at its committed size (cheap, one
-listing); `Reader.verify` checks the bytes of the files one rank reads against their CRC-32s (format 1, which
-has none: that they parse).
+listing); `Reader.verify` checks the bytes of a rank's share of the files against their CRC-32s (format 1, which
+has none: that they parse), the ranks together covering every file.
 """
 from __future__ import annotations
 
-import glob
 import json
+import math
 import os
+import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
-from safetensors import SafetensorError, safe_open
 
 from raypt import storage
+from raypt.checkpoint.tensorfile import TensorFile, file_crc32
 
 STATE = "raypt_state.json"
 FORMAT = 2
+PARAM, MOMENTS = "param", ("exp_avg", "exp_avg_sq")  # the kinds of per-parameter state a checkpoint holds
 
 
 class CheckpointError(RuntimeError):
@@ -48,16 +56,6 @@ def file_size(entry) -> int:
     return entry if isinstance(entry, int) else entry["size"]
 
 
-def file_crc32(path: str) -> int:
-    """CRC-32 of a file's bytes, read in chunks into one buffer (zlib's runs at GB/s: cheap beside the read)."""
-    crc, buffer = 0, bytearray(1 << 24)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            crc = zlib.crc32(view[:n], crc)
-    return crc
-
-
 def read_state(uri: str) -> tuple[TrainState, dict]:
     """Trust only a committed, complete checkpoint: index present and every listed file at its size."""
     fs, path = storage.resolve(uri)
@@ -73,53 +71,109 @@ def read_state(uri: str) -> tuple[TrainState, dict]:
         if info.size != want:
             found = "missing" if info.size is None else f"{info.size} bytes"
             raise CheckpointError(f"{uri}: {name} is {found}, committed as {want} bytes")
+    return train_state(body), body
+
+
+def train_state(body: dict) -> TrainState:
     fields = TrainState.__dataclass_fields__
-    return TrainState(**{k: v for k, v in body.items() if k in fields}), body
+    return TrainState(**{k: v for k, v in body.items() if k in fields})
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where elements [start, stop) of a tensor's flattened form are stored: a file and its name there."""
+    file: str
+    stored: str
+    start: int
+    stop: int
 
 
 class Reader:
-    """A committed checkpoint in a local folder, read by tensor name whatever the world size that wrote it.
-    `origin`: where the folder was copied from, to name files in errors (the folder itself by default)."""
+    """A committed checkpoint, local or on S3, read by tensor name whatever the world size that wrote it: whole
+    tensors, or any flat range of one, fetching only the bytes of the files that hold it. `origin`: where the
+    checkpoint was copied from, to name files in errors (the checkpoint itself by default). `body` and `opener`:
+    a checkpoint that is in no storage (an in-memory snapshot, raypt/checkpoint/memory.py): its index, and each
+    of its files by name as a pyarrow random-access file."""
 
     holds_optimizer = True  # Adam's moments and step counter are restored with the weights (see init.Initial)
 
-    def __init__(self, directory: str, origin: Optional[str] = None):
-        self.directory, self.origin = directory, origin or directory
-        self.state, self.body = read_state(directory)
+    def __init__(self, directory: str, origin: Optional[str] = None, body: Optional[dict] = None,
+                 opener: Optional[Callable[[str], pa.NativeFile]] = None):
+        self.directory, self.origin, self.opener = directory, origin or directory, opener
+        self.in_memory = body is not None
+        if body is None:
+            self.fs, self.path = storage.resolve(directory)
+            self.state, self.body = read_state(directory)
+        else:
+            self.fs, self.path, self.state, self.body = None, directory, train_state(body), body
         self.format = self.body.get("format", 1)
-        self.where = {k: v["file"] for k, v in self.body["tensors"].items()} if self.format >= 2 else self._scan()
+        self.files: dict[str, TensorFile] = {}
+        self.spool: Optional[str] = None  # where verify keeps the remote files it checked, read from there after
+        self.checked = 0  # bytes verify read
+        self.parts: dict[str, list[Part]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        if self.format >= 2:
+            for stored, e in self.body["tensors"].items():
+                key, cut = e.get("tensor", stored), e.get("slice")
+                start, stop = cut if cut else (0, math.prod(e["shape"]))
+                self.parts.setdefault(key, []).append(Part(e["file"], stored, start, stop))
+                self.shapes[key] = tuple(e["shape"])
+        else:  # format 1: whole tensors, found in the shards' own headers
+            for name in sorted(n for n in self.body["files"] if n.endswith(".safetensors")):
+                for key, e in self.open(name).entries.items():
+                    self.parts[key], self.shapes[key] = [Part(name, key, 0, e.numel)], e.shape
 
-    def _scan(self) -> dict[str, str]:
-        """Format 1: each tensor's file, from the safetensors headers."""
-        where = {}
-        for shard in sorted(glob.glob(os.path.join(self.directory, "state-*.safetensors"))):
-            where.update({key: os.path.basename(shard) for key in self._keys(os.path.basename(shard))})
-        return where
+    def open(self, name: str) -> TensorFile:
+        """A file of the checkpoint, its header read (once); an unreadable one is a CheckpointError."""
+        if name not in self.files:
+            kept = self.spool and os.path.join(self.spool, name)
+            try:
+                if self.opener:
+                    file = self.opener(name)
+                elif kept and os.path.exists(kept):
+                    file = pafs.LocalFileSystem().open_input_file(kept)
+                else:
+                    file = self.fs.open_input_file(f"{self.path}/{name}")
+                self.files[name] = TensorFile(file)
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{self.origin}/{name} is unreadable: {e}") from None
+        return self.files[name]
 
-    def _keys(self, name: str) -> list[str]:
-        """The tensor names in a safetensors file's header; an unreadable header is a CheckpointError."""
-        try:
-            with safe_open(os.path.join(self.directory, name), "pt") as f:
-                return list(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{self.origin}/{name} is unreadable: {e}") from None
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this process fetched from the checkpoint's storage: what verify checked, and what the reads
+        took from files it did not keep (on S3 a rank's verified share is kept on local disk and read there)."""
+        kept = set(os.listdir(self.spool)) if self.spool else set()
+        return self.checked + sum(f.bytes_read for n, f in self.files.items() if n not in kept)
 
-    def verify(self) -> None:
-        """Check the bytes of the files a rank restores from against their committed CRC-32: every shard holding
-        tensors, as each rank reads every tensor in full (an engine that read only its slice would check fewer).
-        Format 1 committed no CRCs, so its files need only parse. Raises CheckpointError naming the file."""
-        for name in sorted(set(self.where.values())):
+    def verify(self, rank: int = 0, world: int = 1) -> None:
+        """Check this rank's share of the files that hold tensors (every `world`-th, from `rank`; all by default)
+        against their committed CRC-32s, so that the ranks of a restore, exchanging their outcomes, check each
+        byte once between them. Format 1 committed no CRCs, so its files need only parse. Raises CheckpointError
+        naming the file."""
+        names = sorted({p.file for parts in self.parts.values() for p in parts})
+        remote = self.opener is None and not isinstance(self.fs, pafs.LocalFileSystem)
+        if remote and self.spool is None:
+            self.spool = tempfile.mkdtemp(prefix="raypt-restore-")
+        for name in names[rank::world]:
             entry = self.body["files"][name]
             if not isinstance(entry, dict):
-                self._keys(name)
+                self.open(name)
                 continue
             try:
-                crc = file_crc32(os.path.join(self.directory, name))
+                crc = self._buffer_crc(name) if self.opener else \
+                    file_crc32(self.fs, f"{self.path}/{name}", os.path.join(self.spool, name) if remote else None)
+                self.checked += entry["size"]
             except OSError as e:
                 raise CheckpointError(f"{self.origin}/{name} is unreadable: {e}") from None
             if crc != entry["crc32"]:
                 raise CheckpointError(f"{self.origin}/{name} has CRC-32 {crc:08x}, committed as "
                                       f"{entry['crc32']:08x}: its bytes changed after it was written")
+
+    def _buffer_crc(self, name: str) -> int:
+        file = self.open(name).file
+        file.seek(0)
+        return zlib.crc32(file.read_buffer())
 
     @property
     def optimizer_steps(self) -> int:
@@ -137,19 +191,40 @@ class Reader:
     def trajectory(self) -> Optional[dict]:
         return self.body.get("trajectory")
 
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Every tensor whose key starts with `prefix/`, by the rest of its key."""
-        keys = [k for k in self.where if k.startswith(prefix + "/")]
-        out: dict[str, torch.Tensor] = {}
-        for file in sorted({self.where[k] for k in keys}):
-            with safe_open(os.path.join(self.directory, file), "pt") as f:
-                for key in keys:
-                    if self.where[key] == file:
-                        out[key[len(prefix) + 1:]] = f.get_tensor(key)
+    def flat(self, key: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor `key` (into `out` when given, else in its stored dtype),
+        from the parts that hold them: one at the world size and stage that wrote it, two or three after a
+        resize."""
+        parts = [p for p in self.parts[key] if p.start < stop and start < p.stop]
+        if sum(min(stop, p.stop) - max(start, p.start) for p in parts) != stop - start:
+            raise CheckpointError(f"{self.origin}: {key} holds no elements [{start}, {stop})")
+        if out is None:
+            dtype = self.open(parts[0].file).entries[parts[0].stored].dtype if parts else torch.float32
+            out = torch.empty(stop - start, dtype=dtype)
+        for p in parts:
+            lo, hi = max(start, p.start), min(stop, p.stop)
+            self.open(p.file).flat(p.stored, lo - p.start, hi - p.start, out[lo - start:hi - start])
         return out
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k[len(PARAM) + 1:]: v for k, v in self.shapes.items() if k.startswith(PARAM + "/")}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.flat(key, 0, math.prod(self.shapes[key])).view(self.shapes[key])
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor whose key starts with `prefix/`, whole, by the rest of its key."""
+        return {k[len(prefix) + 1:]: self.tensor(k) for k in sorted(self.parts) if k.startswith(prefix + "/")}
 
     def hook_tensors(self, hook: str) -> dict[str, torch.Tensor]:
         return self.tensors(f"hook/{hook}")
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+        if self.spool:
+            shutil.rmtree(self.spool, ignore_errors=True)
 
 
 def load_weights(model: torch.nn.Module, directory: str) -> None:

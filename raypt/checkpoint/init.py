@@ -7,50 +7,52 @@ data mix and length are its own. Shapes are checked by name before anything is l
 """
 from __future__ import annotations
 
-import glob
-import os
-from typing import Callable, Optional
+from typing import Optional, Union
 
+import pyarrow.fs as pafs
 import torch
-from safetensors import SafetensorError, safe_open
 
-from raypt.checkpoint.index import STATE, CheckpointError, Reader, TrainState
+from raypt import storage
+from raypt.checkpoint.index import PARAM, STATE, CheckpointError, Reader, TrainState
+from raypt.checkpoint.tensorfile import TensorFile
 
 Shapes = dict[str, tuple[int, ...]]
 
 
 class HFFolder:
-    """A Hugging Face model folder's safetensors, by tensor name (the names `save_pretrained` writes are the
-    parameter names of the model raypt builds for the task). Pickled `.bin` weights are not read: loading them
-    runs code."""
+    """A Hugging Face model folder's safetensors (local or s3://), by tensor name (the names `save_pretrained`
+    writes are the parameter names of the model raypt builds for the task), read in ranges like a checkpoint.
+    Pickled `.bin` weights are not read: loading them runs code."""
 
-    def __init__(self, directory: str, origin: Optional[str] = None):
-        self.directory, self.origin = directory, origin or directory
-        self.files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-        if not self.files:
+    def __init__(self, uri: str, origin: Optional[str] = None):
+        self.origin = origin or uri
+        fs, path = storage.resolve(uri)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File
+                       and i.base_name.endswith(".safetensors"))
+        if not names:
             raise CheckpointError(f"{self.origin}: neither a raypt checkpoint ({STATE}) nor a Hugging Face folder "
                                   "with .safetensors weights (pickled .bin weights are not loaded)")
-
-    def shapes(self) -> Shapes:
-        out: Shapes = {}
-        for path in self.files:
+        self.where: dict[str, TensorFile] = {}
+        for name in names:
             try:
-                with safe_open(path, "pt") as f:
-                    out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{self.origin}/{os.path.basename(path)} is unreadable: {e}") from None
-        return out
+                file = TensorFile(fs.open_input_file(f"{path}/{name}"))
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{self.origin}/{name} is unreadable: {e}") from None
+            self.where.update(dict.fromkeys(file.entries, file))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for path in self.files:
-            with safe_open(path, "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-        return out
+    def param_shapes(self) -> Shapes:
+        return {k: f.entries[k].shape for k, f in self.where.items()}
+
+    def flat(self, key: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        name = key.removeprefix(PARAM + "/")
+        return self.where[name].flat(name, start, stop, out)
 
 
-def is_checkpoint(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, STATE))
+def is_checkpoint(uri: str) -> bool:
+    """Whether a local or s3:// folder is a raypt checkpoint (has an index), not a Hugging Face folder."""
+    fs, path = storage.resolve(uri)
+    return fs.get_file_info(f"{path}/{STATE}").type != pafs.FileType.NotFound
 
 
 def checkpoint_shapes(body: dict) -> Optional[Shapes]:
@@ -58,7 +60,8 @@ def checkpoint_shapes(body: dict) -> Optional[Shapes]:
     tensors = body.get("tensors") or {}
     if body.get("format", 1) < 2:
         return None
-    return {k[len("param/"):]: tuple(v["shape"]) for k, v in tensors.items() if k.startswith("param/")}
+    return {k[len("param/"):]: tuple(v["shape"]) for k, v in ((v.get("tensor", k), v) for k, v in tensors.items())
+            if k.startswith("param/")}
 
 
 def check_shapes(expected: Shapes, found: Shapes, origin: str) -> None:
@@ -90,9 +93,8 @@ class Initial:
     hooks: dict = {}
     trajectory = None
 
-    def __init__(self, params: Callable[[], dict[str, torch.Tensor]], origin: str,
-                 optimizer: Optional[Reader] = None):
-        self._params, self.origin, self._optimizer = params, origin, optimizer
+    def __init__(self, source: Union[Reader, HFFolder], origin: str, optimizer: Optional[Reader] = None):
+        self.source, self.origin, self._optimizer = source, origin, optimizer
         self.state = TrainState()
 
     @property
@@ -103,43 +105,34 @@ class Initial:
     def optimizer_steps(self) -> int:
         return self._optimizer.optimizer_steps if self._optimizer else 0
 
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        if prefix == "param":
-            return self._params()
-        return self._optimizer.tensors(prefix) if self._optimizer else {}
+    def param_shapes(self) -> Shapes:
+        return self.source.param_shapes()
+
+    def flat(self, key: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return (self.source if key.startswith(PARAM + "/") else self._optimizer).flat(key, start, stop, out)
 
     def hook_tensors(self, hook: str) -> dict[str, torch.Tensor]:
         return {}
 
 
-def initial(directory: str, origin: str, optimizer: str) -> Initial:
-    """run.init_from's source in a local folder: a raypt checkpoint (verified) or a Hugging Face folder."""
-    if is_checkpoint(directory):
-        reader = Reader(directory, origin=origin)
-        reader.verify()
-        return Initial(lambda: reader.tensors("param"), origin, reader if optimizer == "keep" else None)
-    folder = HFFolder(directory, origin)
+def initial(uri: str, origin: str, optimizer: str, rank: int = 0, world: int = 1) -> Initial:
+    """run.init_from's source: a raypt checkpoint (this rank's share verified) or a Hugging Face folder."""
+    if is_checkpoint(uri):
+        reader = Reader(uri, origin=origin)
+        reader.verify(rank, world)
+        return Initial(reader, origin, reader if optimizer == "keep" else None)
+    folder = HFFolder(uri, origin)
     if optimizer == "keep":
         raise CheckpointError(f"run.init_from.optimizer: keep, but {origin} is a Hugging Face folder, which holds "
                               "no optimizer state; use optimizer: reset")
-    return Initial(folder.tensors, origin)
-
-
-def holds_checkpoint(uri: str) -> bool:
-    """Whether a local or s3:// folder is a raypt checkpoint (has an index), not a Hugging Face folder."""
-    import pyarrow.fs as pafs
-
-    from raypt import storage
-
-    fs, path = storage.resolve(uri)
-    return fs.get_file_info(f"{path}/{STATE}").type != pafs.FileType.NotFound
+    return Initial(folder, origin)
 
 
 def source_shapes(uri: str) -> Optional[Shapes]:
-    """The parameter shapes run.init_from holds, read without its weights; None where that would mean downloading
-    them (a Hugging Face folder on s3://: the worker checks it) or the index lists none (format 1)."""
+    """The parameter shapes run.init_from holds, read without its weights (headers only); None where the index
+    lists none (format 1)."""
     from raypt.checkpoint.index import read_state
 
-    if holds_checkpoint(uri):
+    if is_checkpoint(uri):
         return checkpoint_shapes(read_state(uri)[1])  # a torn checkpoint is refused here
-    return None if "://" in uri else HFFolder(uri).shapes()
+    return HFFolder(uri).param_shapes()

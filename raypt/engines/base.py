@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Optional
 
+from raypt.checkpoint.index import MOMENTS, PARAM  # noqa: F401  the kinds of state, as the checkpoint names them
 from raypt.metrics import Metric
 
 if TYPE_CHECKING:
@@ -18,11 +19,11 @@ if TYPE_CHECKING:
 
     from raypt.checkpoint import Reader
     from raypt.config import JobConfig
+    from raypt.models.init import Partition
 
 Batch = dict  # name -> tensor, as the data stream yields it; train batches carry `weight` (raypt.data.split)
 LossFn = Callable[["torch.nn.Module", Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
-PARAM, MOMENTS = "param", ("exp_avg", "exp_avg_sq")  # the kinds of per-parameter state a checkpoint holds
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,16 @@ class Shard:
     [start, start + master.numel()) of the flattened parameter), Adam's moments over the same slice (empty before
     Adam's first step), and each copy the forward reads, with the full flat index its view begins at (the whole
     replicated parameter under ZeRO 0-2, the same slice under ZeRO-3 plus the gathered parameter where ZeRO-3
-    keeps it gathered; the master itself in fp32 ZeRO-0)."""
+    keeps it gathered; the master itself in fp32 ZeRO-0). A frozen parameter (MAE's fixed position embeddings)
+    has no master and no moments: `master` is then its working copy, which nothing updates."""
     name: str
     shape: tuple[int, ...]  # of the full parameter
     start: int
     master: "torch.Tensor"
     moments: "tuple[torch.Tensor, ...]"
     working: "tuple[tuple[torch.Tensor, int], ...]"
+    trainable: bool = True
+    replicated: bool = False  # every data-parallel rank holds this same view (so one of them writes it)
 
     @property
     def numel(self) -> int:
@@ -90,6 +94,11 @@ class Engine(ABC):
         return True
 
     @classmethod
+    def partition(cls, cfg: "JobConfig", topology: Topology) -> Optional["Partition"]:
+        """How to build a model this engine partitions as it is constructed; None: built in full on every rank."""
+        return None
+
+    @classmethod
     @abstractmethod
     def build(cls, model: "torch.nn.Module", cfg: "JobConfig", topology: Topology,
               restore: Optional["Reader"] = None) -> "Engine":
@@ -122,7 +131,7 @@ class Engine(ABC):
         return True
 
     def shards(self) -> Iterator[Shard]:
-        """This rank's views of every trainable parameter, in `named_parameters` order; writing them edits the
+        """This rank's views of every parameter, in `named_parameters` order; writing them edits the
         engine's state in place (masking, pruning). The step copied the masters into the working copy, so whoever
         edits a master edits the working copy the same way."""
         raise NotImplementedError(f"the {self.name} engine does not expose its parameters' local state")

@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 
+from raypt.checkpoint.index import MOMENTS, PARAM
 from raypt.checkpoint.init import check_shapes, model_shapes
 from raypt.config import JobConfig
 from raypt.data.split import Split
-from raypt.engines.base import MOMENTS, PARAM, Batch, Engine, LossFn, Shard, Topology
+from raypt.engines.base import Batch, Engine, LossFn, Shard, Topology
 from raypt.engines.device import accelerator, precision
+
+if TYPE_CHECKING:
+    from raypt.models.init import Partition
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,13 @@ def optimizer_args(cfg: JobConfig) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on norms and biases (1-D tensors), as in GPT/Llama recipes."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """No decay on norms and biases (1-D tensors), as in GPT/Llama recipes; by the full shape (ZeRO-3 keeps it
+    aside: a partitioned parameter's own tensor is a flat slice)."""
+    def matrix(p: torch.nn.Parameter) -> bool:
+        return len(getattr(p, "ds_shape", None) or p.shape) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -87,6 +96,22 @@ class ZeroEngine(Engine):
         self.device, self.module = ds.device, ds  # the loss runs through the engine, so ZeRO-3 hooks see it
 
     @classmethod
+    def partition(cls, cfg: JobConfig, topology: Topology) -> Optional["Partition"]:
+        """ZeRO-3: each module's parameters are partitioned as it is constructed (`deepspeed.zero.Init`) and
+        initialised gathered a few at a time, rank 0's values kept (every rank computes the same ones)."""
+        if cfg.deepspeed.zero_stage != 3:
+            return None
+        load_ops(cfg)
+        import deepspeed
+
+        from raypt.models.init import Partition  # torch's dispatch machinery: imported only to build
+
+        full = ds_config(cfg, topology.dp_size)  # its batch sizes would be checked against a world not yet known
+        conf = {k: full[k] for k in ("zero_optimization", "bf16", "fp16", "train_micro_batch_size_per_gpu")}
+        return Partition(lambda: deepspeed.zero.Init(config_dict_or_path=conf),
+                         lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+
+    @classmethod
     def build(cls, model: torch.nn.Module, cfg: JobConfig, topology: Topology, restore=None) -> "ZeroEngine":
         load_ops(cfg)
         import deepspeed
@@ -102,9 +127,7 @@ class ZeroEngine(Engine):
                                       dist_init_required=False)
         engine = cls(ds, topology, conf["gradient_accumulation_steps"])
         if restore is not None:
-            engine._load_params(restore)
-            if restore.holds_optimizer:  # run.init_from with optimizer: reset starts Adam afresh
-                engine._load_optimizer(restore)
+            engine._load(restore)
         return engine
 
     def train_step(self, batches: Iterator[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
@@ -198,9 +221,16 @@ class ZeroEngine(Engine):
         opt, base = self.ds.optimizer, self._base()
         self._link()
         for name, param in self.ds.module.named_parameters():
-            if not param.requires_grad:
-                continue
-            if hasattr(param, "ds_tensor"):
+            if not param.requires_grad:  # no master, no moments: its working copy (this rank's slice in ZeRO-3)
+                split = hasattr(param, "ds_tensor")
+                flat = param.ds_tensor.data.view(-1) if split else param.data.view(-1)
+                start = self.topology.dp_rank * flat.numel() if split else 0
+                shape = tuple(param.ds_shape if split else param.shape)
+                flat = flat[:max(0, min(flat.numel(), math.prod(shape) - start))]  # the last one is zero-padded
+                working = ((flat, start),) + (((param.data.view(-1), 0),) if split and param.data.numel() ==
+                                             param.ds_numel else ())  # ZeRO-3 keeps small ones gathered
+                yield Shard(name, shape, start, flat, (), working, trainable=False, replicated=not split)
+            elif hasattr(param, "ds_tensor"):
                 size = param.ds_tensor.numel()
                 start = self.topology.dp_rank * size
                 valid = max(0, min(size, param.ds_numel - start))  # the last partition is zero-padded
@@ -223,10 +253,10 @@ class ZeroEngine(Engine):
                             moments, ((working, 0),))
             else:
                 if hasattr(opt, "refresh_fp32_params"):  # fp16 without ZeRO keeps its masters out of reach here
-                    raise NotImplementedError("sparsity needs ZeRO (deepspeed.zero_stage >= 1) with fp16")
+                    raise NotImplementedError("checkpoints and sparsity need ZeRO (deepspeed.zero_stage >= 1) with fp16")
                 state, flat = base.state.get(param, {}), param.data.view(-1)
                 moments = tuple(state[kind].view(-1) for kind in MOMENTS) if MOMENTS[0] in state else ()
-                yield Shard(name, tuple(param.shape), 0, flat, moments, ((flat, 0),))
+                yield Shard(name, tuple(param.shape), 0, flat, moments, ((flat, 0),), replicated=True)
 
     def _adam_keys(self) -> list[torch.Tensor]:
         """The tensors Adam keys its state on: ZeRO's flat fp32 partitions, or the module's own parameters."""
@@ -236,66 +266,44 @@ class ZeroEngine(Engine):
                 return list(getattr(opt, attr))
         return [p for g in self._base().param_groups for p in g["params"]]
 
-    def _load_optimizer(self, restore) -> None:
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        base, step = self._base(), restore.optimizer_steps
+    def _adam_state(self, step: int) -> None:
+        """Adam creates its state lazily, at its first step; give it one to restore into."""
+        base = self._base()
         fused = any(g.get("fused") for g in base.param_groups)
-        for flat in self._adam_keys():  # Adam creates its state lazily; give it one to write into
+        for flat in self._adam_keys():
             if not base.state.get(flat):
                 base.state[flat] = {
                     "step": torch.tensor(float(step), device=flat.device if fused else "cpu")
                     if isinstance(base, torch.optim.AdamW) else step,
                     "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-        self._link()
-        for kind in MOMENTS:
-            full = restore.tensors(kind)
-            for name, param in self.ds.module.named_parameters():
-                if not param.requires_grad:
-                    continue
-                if getattr(param, "ds_id", None) is None and not hasattr(param, "_hp_mapping"):
-                    base.state[param][kind].copy_(full[name])
-                elif hasattr(param, "ds_tensor"):
-                    self._set_zero3_partition(param, full[name], kind)
-                else:
-                    safe_set_full_optimizer_state(param, full[name].to(self.device), kind)
 
-    def _load_params(self, restore) -> None:
-        """The saved fp32 weights into the fp32 master copy, then the working copy (bf16 on GPUs) from it. Loaded
-        into the model before `deepspeed.initialize`, they would pass through the working precision and the
-        masters of a bf16 run would come back rounded."""
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        full, opt = restore.tensors(PARAM), self.ds.optimizer
-        check_shapes(model_shapes(self.ds.module), {k: tuple(v.shape) for k, v in full.items()}, restore.origin)
-        for name, param in self.ds.module.named_parameters():
-            if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank's partition of the masters
-                self._set_zero3_partition(param, full[name], None)
-            elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer: the fp32 fragment
-                safe_set_full_fp32_param(param, full[name].to(self.device))
-            else:  # no separate master copy (ZeRO-0 in fp32), or fp16's: the module's own tensor
-                with torch.no_grad():
-                    param.copy_(full[name])
+    @torch.no_grad()
+    def _load(self, restore) -> None:
+        """The saved fp32 weights, and Adam's moments where the source holds them (run.init_from with optimizer:
+        reset does not), straight into this rank's slices of the masters (`shards`): each rank reads only its
+        share. Then the working copy (bf16 on GPUs) from the masters. Loaded into the model before
+        `deepspeed.initialize`, they would pass through the working precision and the masters of a bf16 run would
+        come back rounded."""
+        check_shapes(model_shapes(self.ds.module), restore.param_shapes(), restore.origin)
+        kinds = (PARAM, *MOMENTS) if restore.holds_optimizer else (PARAM,)
+        if restore.holds_optimizer:
+            self._adam_state(restore.optimizer_steps)
+        for shard in self.shards():
+            stop = shard.start + shard.master.numel()
+            if not shard.trainable:  # no master to derive it from: every copy the forward reads
+                for view, begin in shard.working:
+                    restore.flat(f"{PARAM}/{shard.name}", begin, begin + view.numel(), out=view)
+                continue
+            targets = (shard.master, *shard.moments)[:len(kinds)]
+            if stop == shard.start:
+                continue
+            if len(targets) != len(kinds):
+                raise RuntimeError(f"{shard.name}: the engine exposes no Adam state to restore into")
+            for kind, target in zip(kinds, targets):
+                restore.flat(f"{kind}/{shard.name}", shard.start, stop, out=target)  # in place where it can
+        opt = self.ds.optimizer
         if hasattr(opt, "update_lp_params"):  # ZeRO-1/2, bf16: the working copy from the masters
             opt.update_lp_params()
         elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: each sub-group's working partition
             for group in range(len(opt.fp32_partitioned_groups_flat)):
                 opt._reassign_or_swap_out_partitioned_parameters(group)
-        elif hasattr(opt, "refresh_fp32_params"):  # fp16 without ZeRO: its masters follow the module
-            opt.refresh_fp32_params()
-
-    def _set_zero3_partition(self, param: torch.nn.Parameter, full: torch.Tensor, kind: Optional[str]) -> None:
-        """This rank's slice of a full tensor (the fp32 master for kind None, else an Adam moment), zero-padded:
-        DeepSpeed's own full setter does not pad the last partition when a parameter does not split evenly over
-        the ranks (e.g. 2048 elements over 3 ranks)."""
-        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-
-        size = param.ds_tensor.numel()
-        start = self.topology.dp_rank * size
-        part = torch.zeros(size, dtype=full.dtype)
-        flat = full.flatten()[start:start + size]
-        part[:len(flat)] = flat
-        if kind is None:
-            safe_set_local_fp32_param(param, part.to(self.device))
-        else:
-            safe_set_local_optimizer_state(param, part.to(self.device), kind)

@@ -33,8 +33,11 @@ class Multimodal(nn.Module):
         self.modality = nn.Embedding(len(self.modalities), d)
         self.head = nn.ModuleDict({m: nn.Linear(d, c["vocab_size"], bias=False) if m == "text" else
                                    nn.Linear(d, dims[m]) for m in self.modalities})
-        for module in (*self.embed.values(), self.modality, *self.head.values()):
-            nn.init.normal_(module.weight, std=c["init_std"])
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The heads' rule, as raypt.models.init applies it by name (the trunk has transformers' own)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config["init_std"])
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 

@@ -14,6 +14,8 @@ from raypt.schema import Section
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from raypt.models.init import Partition
+
 
 class TaskConfig(Section):
     """The transformer sizes every task shares; each task adds its own fields and names itself in `task`."""
@@ -87,16 +89,30 @@ class Task(ABC):
     def __init__(self, cfg: Job, manifests: dict[str, dict]):
         self.cfg, self.manifests = cfg, manifests
 
-    def build_model(self, seed: int) -> nn.Module:
-        """Same seed -> same weights on every rank and every ZeRO stage: the model draws them from torch's RNG."""
+    def build_model(self, seed: int, partition: Optional["Partition"] = None) -> nn.Module:
+        """Same seed -> same weights on every rank, at every ZeRO stage, built in full or partitioned (ZeRO-3:
+        under `partition`, so that no rank holds the whole model): weights by name (raypt.models.init)."""
         import torch
 
+        from raypt.models.init import constructing, init_by_name
+
+        torch.manual_seed(seed)  # what constructors draw that no rule re-initialises
+        if partition is None:
+            with constructing():
+                model = self.construct()
+            init_by_name(model, seed)
+            return model
+        with torch.device("meta"), constructing():
+            twin = self.construct()  # which parameters each module's rule writes, at no memory cost
         torch.manual_seed(seed)
-        return self.construct()
+        with partition.building(), constructing():
+            model = self.construct()
+        init_by_name(model, seed, twin, partition.gather)
+        return model
 
     @abstractmethod
     def construct(self) -> nn.Module:
-        """The model, initialised from torch's global RNG (build_model seeds it)."""
+        """The model; build_model initialises its weights by name."""
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
