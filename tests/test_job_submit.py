@@ -119,7 +119,7 @@ def test_stopped_job_resubmitted_resumes_from_its_checkpoint(head, make_job, tmp
     address, env = head
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    cfg = make_job("run.name=stop-resume", "train.steps=400", "checkpoint.every=5")
+    cfg = make_job("run.name=stop-resume", "train.steps=120", "checkpoint.every=5")
     job = job_file(cfg, tmp_path / "job.yaml")
     client = JobSubmissionClient(address)
     first = client.submit_job(entrypoint=f"raypt train {job}")
@@ -138,14 +138,14 @@ def test_stopped_job_resubmitted_resumes_from_its_checkpoint(head, make_job, tmp
         time.sleep(0.1)
     assert client.get_job_status(first) == JobStatus.STOPPED
     stopped_at = max(r["step"] for r in read_metrics(folder))
-    assert stopped_at < 400
+    assert stopped_at < 120
     proc = submit(address, env, job)
     assert proc.returncode == 0, proc.stdout[-3000:]
     records = read_metrics(folder)
-    assert [r["step"] for r in records] == list(range(401))
+    assert [r["step"] for r in records] == list(range(121))
     resumed = [r for r in records if "resumed_from" in r]
     assert len(resumed) == 1 and resumed[0]["resumed_from"] > 0
-    assert json.load(open(os.path.join(folder, "step000400", "raypt_state.json")))["step"] == 400
+    assert json.load(open(os.path.join(folder, "step000120", "raypt_state.json")))["step"] == 120
 
 
 def test_sweep_submitted_with_ray_job_submit_succeeds(head, make_job, tmp_path):
