@@ -1,14 +1,23 @@
-"""Recovery after a worker is SIGKILLed mid-run, against a cold start, in one invocation.
+"""Recovery after a worker is SIGKILLed mid-run, from durable checkpoints and from in-memory snapshots, and what
+the snapshots cost, in one invocation.
 
-One 2-worker quickstart run (ZeRO-2) loses rank 1 to SIGKILL at step KILL_AT. Figures:
-- recovery_vs_cold_start: (kill -> end of the first resumed step) / (fit start -> end of step 1)
-- lost_steps: steps computed before the kill that had to be recomputed
+Two 2-worker quickstart runs (ZeRO-2) lose rank 1 to SIGKILL at step KILL_AT: one with durable checkpoints every
+EVERY steps only, one also with in-memory snapshots every step (checkpoint.memory_every=1). Then uninterrupted
+runs without snapshots, with them every 10 steps and every step, in alternating rounds. Figures:
+- recovery_vs_cold_start: (kill -> end of the first resumed step) / (fit start -> end of step 1), durable run
+- lost_steps: steps computed before the kill that had to be recomputed (durable); lost_steps_memory (snapshots)
+- recovery_memory_vs_durable: kill -> end of the first resumed step, snapshot run over durable run;
+  regain_memory_vs_durable: the same to the end of the step the kill interrupted (lost steps recomputed)
 - checkpoint_overhead_fraction: time inside checkpoint saves / wall time of the training steps
+- memory_snapshot_overhead_fraction_{10,1}: median over the rounds of the training steps' wall time with
+  snapshots every 10 (every 1) steps over that without, less 1; memory_snapshot_held_fraction_*: the time the
+  snapshot hook held the training thread, over the steps' wall time
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +31,38 @@ from raypt.driver import init_ray, run_dir, train  # noqa: E402
 from raypt.metrics.sink import read_metrics  # noqa: E402
 
 JOB = os.path.join(os.path.dirname(__file__), "..", "jobs", "quickstart.yaml")
+STORAGE = tempfile.mkdtemp(prefix="raypt-recovery-")
+
+
+def run(name: str, steps: int, every: int, *overrides: str) -> tuple[config.JobConfig, float, list[dict]]:
+    """(the job, when its fit started, its step records)."""
+    cfg = config.load(JOB, [f"train.steps={steps}", f"checkpoint.every={every}", f"train.eval_every={steps}",
+                            f"run.storage={STORAGE}", f"run.name={name}", *overrides])
+    start = time.time()
+    records = [r for r in read_metrics(train(cfg)) if r.get("loss") is not None]
+    return cfg, start, records
+
+
+def killed(name: str, steps: int, every: int, kill_at: int, *overrides: str) -> dict:
+    cfg, start, records = run(name, steps, every, f"faults.kill_at_step={kill_at}", "faults.kill_rank=1",
+                              "failure.max_failures=1", *overrides)
+    by_step = {r["step"]: r for r in records}
+    resumed = next(r for r in records if "resumed_from" in r)
+    kill = fired(run_dir(cfg), "kill")
+    recovery = resumed["time"] - kill["time"]
+    saves = sum(r.get("checkpoint_s", 0.0) for r in records)
+    return {"cold_start_s": by_step[1]["time"] - start,  # (the resumed attempt rewrote steps after its checkpoint)
+            "recovery_s": recovery, "regain_s": by_step[kill["step"]]["time"] - kill["time"],
+            "lost_steps": kill["step"] - 1 - resumed["resumed_from"], "kill_step": kill["step"],
+            "resumed_from": resumed["resumed_from"], "from_memory": bool(resumed.get("resumed_from_memory")),
+            "saves_s": saves, "saves": sum("checkpoint_s" in r for r in records),
+            "span_s": records[-1]["time"] - by_step[1]["time"] - recovery,
+            "step_time_s_mean": sum(r["step_time_s"] for r in records[1:]) / (len(records) - 1)}
+
+
+def span(records: list[dict]) -> float:
+    """Wall time from the end of step 1 to the end of the last step: the training steps, start-up excluded."""
+    return records[-1]["time"] - records[0]["time"]
 
 
 def main() -> None:
@@ -29,35 +70,46 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--every", type=int, default=40)
     ap.add_argument("--kill-at", type=int, default=100)
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    overrides = [f"train.steps={args.steps}", f"checkpoint.every={args.every}", f"train.eval_every={args.steps}",
-                 f"faults.kill_at_step={args.kill_at}", "faults.kill_rank=1", "failure.max_failures=1",
-                 f"run.storage={tempfile.mkdtemp(prefix='raypt-recovery-')}", "run.name=recovery", *args.overrides]
-    cfg = config.load(JOB, overrides)
     init_ray()
-    start = time.time()
-    folder = train(cfg)
-    records = [r for r in read_metrics(folder) if r.get("loss") is not None]
-    by_step = {r["step"]: r for r in records}
-    resumed = next(r for r in records if "resumed_from" in r)
-    kill = fired(run_dir(cfg), "kill")
-    cold = by_step[1]["time"] - start  # (the resumed attempt rewrote steps after its checkpoint, not step 1)
-    recovery = resumed["time"] - kill["time"]
-    saves = sum(r.get("checkpoint_s", 0.0) for r in records)
-    span = records[-1]["time"] - by_step[1]["time"] - recovery
+    durable = killed("durable", args.steps, args.every, args.kill_at)
+    memory = killed("memory", args.steps, args.every, args.kill_at, "checkpoint.memory_every=1")
+    walls: dict[int, list[float]] = {0: [], 10: [], 1: []}
+    held: dict[int, list[float]] = {10: [], 1: []}
+    for i in range(args.rounds):  # alternating, so that drift in this machine's speed hits every setting alike
+        for k in walls:
+            _, _, records = run(f"overhead-{k}-{i}", args.steps, args.steps, f"checkpoint.memory_every={k}")
+            walls[k].append(span(records))
+            if k:
+                held[k].append(sum(r.get("memory_snapshot_s", 0.0) for r in records) / span(records))
     figures = {
-        "recovery_vs_cold_start": recovery / cold,
-        "recovery_s": recovery,
-        "cold_start_s": cold,
-        "lost_steps": kill["step"] - 1 - resumed["resumed_from"],
-        "checkpoint_interval_steps": cfg.checkpoint.every,
-        "checkpoint_overhead_fraction": saves / span,
-        "checkpoint_save_s_mean": saves / max(1, sum("checkpoint_s" in r for r in records)),
-        "step_time_s_mean": sum(r["step_time_s"] for r in records[1:]) / (len(records) - 1),
-        "kill_step": kill["step"],
-        "resumed_from": resumed["resumed_from"],
+        "recovery_vs_cold_start": durable["recovery_s"] / durable["cold_start_s"],
+        "recovery_s": durable["recovery_s"],
+        "cold_start_s": durable["cold_start_s"],
+        "lost_steps": durable["lost_steps"],
+        "checkpoint_interval_steps": args.every,
+        "checkpoint_overhead_fraction": durable["saves_s"] / durable["span_s"],
+        "checkpoint_save_s_mean": durable["saves_s"] / max(1, durable["saves"]),
+        "step_time_s_mean": durable["step_time_s_mean"],
+        "kill_step": durable["kill_step"],
+        "resumed_from": durable["resumed_from"],
+        "lost_steps_memory": memory["lost_steps"],
+        "resumed_from_memory": memory["resumed_from"],
+        "memory_resume_was_from_memory": memory["from_memory"],
+        "recovery_s_memory": memory["recovery_s"],
+        "recovery_memory_vs_durable": memory["recovery_s"] / durable["recovery_s"],
+        "regain_s_durable": durable["regain_s"],
+        "regain_s_memory": memory["regain_s"],
+        "regain_memory_vs_durable": memory["regain_s"] / durable["regain_s"],
+        "rounds": args.rounds,
     }
+    for k in held:
+        ratios = [w / base for w, base in zip(walls[k], walls[0])]
+        figures[f"memory_snapshot_overhead_fraction_{k}"] = statistics.median(ratios) - 1
+        figures[f"memory_snapshot_overhead_fraction_{k}_spread"] = [min(ratios) - 1, max(ratios) - 1]
+        figures[f"memory_snapshot_held_fraction_{k}"] = statistics.median(held[k])
+    figures["steps_wall_s"] = {str(k): v for k, v in walls.items()}
     write_result("recovery", figures)
 
 

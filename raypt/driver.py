@@ -124,10 +124,12 @@ def build(cfg: JobConfig, sink: Optional[Any] = None, callbacks: Optional[list] 
     """The TorchTrainer of a job. A Tune function trainable calls this with `callbacks=[TuneReportCallback()]`:
     rank 0 reports to Ray at every evaluation and every checkpoint. `hooks` are extra loop hooks (or
     `(hook, every)` pairs), pickled to the workers. The run's data feed starts here, beside this driver, which
-    owns it: every worker group of the run reads through it (raypt/data/feed.py)."""
+    owns it: every worker group of the run reads through it (raypt/data/feed.py); so does the registry of in-memory
+    snapshots (raypt/checkpoint/memory.py), so that they outlive the worker groups too."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raypt.checkpoint.memory import start_snapshots
     from raypt.data.feed import start_feed
     from raypt.hooks.faults import reader_drill
     from raypt.loop import train_loop
@@ -140,7 +142,8 @@ def build(cfg: JobConfig, sink: Optional[Any] = None, callbacks: Optional[list] 
     return TorchTrainer(
         train_loop,
         train_loop_config={"job": to_dict(cfg), "sink": sink, "hooks": list(hooks),
-                           "feed": start_feed(cfg.data.reader_cpus, reader_drill(cfg.faults, run_dir(cfg)))},
+                           "feed": start_feed(cfg.data.reader_cpus, reader_drill(cfg.faults, run_dir(cfg))),
+                           "snapshots": start_snapshots(cfg.checkpoint.memory_every, cfg.checkpoint.memory_limit_gb)},
         # A collective waits at most as long as a step may take (the step watchdog's limit, raypt/hooks/watchdog.py).
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=math.ceil(f.step_timeout_s)),
         scaling_config=ScalingConfig(num_workers=w if isinstance(w, int) else (w.min, w.max), use_gpu=gpu,

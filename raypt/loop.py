@@ -28,33 +28,35 @@ preemption.install()
 
 
 class Worker:
-    def __init__(self, cfg: JobConfig, sink, extra_hooks: tuple = (), feed=None):
+    def __init__(self, cfg: JobConfig, sink, extra_hooks: tuple = (), feed=None, snapshots=None):
         quiet_known_noise()
-        keep_host_memory()
+        keep_host_memory(training=False)  # until the model is built and restored: see device.py
         ctx = ray.train.get_context()
         self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
-        self.sink, self.feed, self.threads = sink, feed, max(1, int(cfg.scaling.cpus_per_worker))
+        self.sink, self.feed, self.snapshots = sink, feed, snapshots  # the in-memory snapshot registry, or None
+        self.threads = max(1, int(cfg.scaling.cpus_per_worker))
         if accelerator() == "cpu":
             torch.set_num_threads(self.threads)
         self.manifests = [read_manifest(s.path) for s in cfg.data.mix()]
         self.task = get_task(cfg.model.task)(cfg, by_modality(self.manifests))
         self.run_uri = storage.join(cfg.run.storage, cfg.run.name)
         self.uploader = checkpoint.Uploader(self.run_uri, cfg.checkpoint.keep, prunes=self.rank == 0)
-        self.hooks = standard_hooks(cfg, sink, self.run_uri, self.rank, (*self.task.hooks(), *extra_hooks))
+        self.hooks = standard_hooks(cfg, sink, self.run_uri, self.rank, (*self.task.hooks(), *extra_hooks), snapshots)
         self.checkpoint_requested = self.saved_this_step = False
-        model = self.task.build_model(cfg.run.seed)
+        self.topology = Topology.data_parallel(self.world, self.rank)
+        model = self.task.build_model(cfg.run.seed, select(cfg).partition(cfg, self.topology))  # ZeRO-3: in slices
         tokens = [self.task.tokens_per_sample(modality(m)) for m in self.manifests]
         self.flops = np.array([self.task.flops_per_sample(model, modality(m)) for m in self.manifests])
         self.plan = MixPlan(cfg.data.stage_weights(), cfg.train.global_batch, tokens)
         self.restore(model)
+        keep_host_memory()
         self.evaluator = Evaluator(cfg, self.manifests, self.engine, self.task.loss, feed)
 
     def restore(self, model: torch.nn.Module) -> None:
         """The engine from the newest checkpoint all ranks verify, else resume_from, else init_from's, else fresh."""
-        say = self.note if self.rank == 0 else (lambda message: None)
-        with checkpoint.newest_verified(self.run_uri, self.cfg.run.resume_from, say, self.cfg.run.init_from) as reader:
-            topology = Topology.data_parallel(self.world, self.rank)
-            self.engine = select(self.cfg).build(model, self.cfg, topology, reader)
+        c, say = self.cfg.run, self.note if self.rank == 0 else (lambda message: None)
+        with checkpoint.newest_verified(self.run_uri, c.resume_from, say, c.init_from, self.snapshots) as reader:
+            self.engine = select(self.cfg).build(model, self.cfg, self.topology, reader)
             self.state = reader.state if reader else checkpoint.TrainState()
             self.reduce = Reducer([*CORE, *source_losses(self.cfg.data.evaluated()), *self.task.metrics,
                                    *self.engine.metrics, *self.hooks.metrics])
@@ -83,8 +85,7 @@ class Worker:
     def step(self, step: int, train: Timed, total_tokens: int, peak: float) -> dict:
         """One optimizer step; the record of what it did, reduced over the ranks."""
         c, plan = self.cfg, self.plan
-        lr = c.train.schedule.value(plan.tokens_before(step), total_tokens, c.train.lr)
-        self.engine.set_lr(lr)
+        self.engine.set_lr(lr := c.train.schedule.value(plan.tokens_before(step), total_tokens, c.train.lr))
         # Randomness that is not a sample's own (dropout, say) comes from (seed, rank, step): a resumed run, or a
         # rank that did not exist when the checkpoint was written, derives it the same way.
         torch.manual_seed(int(np.random.SeedSequence([c.run.seed, self.rank, step]).generate_state(1)[0]))
@@ -145,6 +146,5 @@ class Worker:
         self.hooks.fire("end", self)
 
 
-def train_loop(loop_config: dict) -> None:  # the entry point Ray Train runs on every worker
-    c = loop_config
-    Worker(from_dict(c["job"]), c.get("sink"), tuple(c.get("hooks", ())), c.get("feed")).run()
+def train_loop(c: dict) -> None:  # the entry point Ray Train runs on every worker, with the driver's loop config
+    Worker(from_dict(c["job"]), c.get("sink"), tuple(c.get("hooks", ())), c.get("feed"), c.get("snapshots")).run()

@@ -1,7 +1,8 @@
 """Elastic drill on a real 2-node local Ray cluster (run by test_elastic.py in its own process).
 
 Starts an elastic run (workers 1..3, fractional CPUs: two fit the head node, one the second node) on a global
-batch of 16, which 3 workers split unequally. It removes the second node (the run goes on with 2 workers), adds a
+batch of 16, which 3 workers split unequally, with in-memory snapshots every step. It removes the second node (the
+run goes on with 2 workers, from the snapshot's replica on the head node), adds a
 node back (the run grows to 3), drains that node as a cloud would before reclaiming it (the run checkpoints at
 once), then removes it; it prints the world sizes seen and the step the drain checkpoint was taken at.
 `reference` runs the same job on one worker for a given number of steps, the losses the elastic run must match.
@@ -47,7 +48,7 @@ def wait_for(condition, what: str, timeout: float = 240.0, metrics: str = "") ->
         time.sleep(0.5)
 
 
-def job(data: str, storage: str, name: str, steps: int, workers: str, resize_interval_s: int):
+def job(data: str, storage: str, name: str, steps: int, workers: str, resize_interval_s: int, memory_every: int = 0):
     from raypt import config
 
     return config.load(None, [
@@ -56,15 +57,17 @@ def job(data: str, storage: str, name: str, steps: int, workers: str, resize_int
         "train.micro_batch=2", "train.lr=1e-3", "train.schedule={name: constant, warmup: 0}",
         "train.eval_every=100000", f"checkpoint.every={CHECKPOINT_EVERY}", "failure.max_failures=5",
         f"failure.preemption_check_every={DRAIN_CHECK_EVERY}", f"scaling.workers={workers}",
-        f"scaling.resize_interval_s={resize_interval_s}", "scaling.cpus_per_worker=1.2"])
+        f"scaling.resize_interval_s={resize_interval_s}", "scaling.cpus_per_worker=1.2",
+        f"checkpoint.memory_every={memory_every}"])
 
 
-def start_endless_run(data: str, storage: str, resize_interval_s: int = 5, workers: str = "{min: 1, max: 3}") -> str:
-    """An elastic run that never ends by itself (a constant LR: its steps match a finite run's); returns its
-    metrics file."""
+def start_endless_run(data: str, storage: str, resize_interval_s: int = 5, workers: str = "{min: 1, max: 3}",
+                      memory_every: int = 1) -> str:
+    """An elastic run that never ends by itself (a constant LR: its steps match a finite run's), by default with
+    in-memory snapshots every step (each rank's share on its node and on the other); returns its metrics file."""
     from raypt.driver import train
 
-    cfg = job(data, storage, "elastic", 100000, workers, resize_interval_s)
+    cfg = job(data, storage, "elastic", 100000, workers, resize_interval_s, memory_every=memory_every)
     threading.Thread(target=lambda: train(cfg), daemon=True).start()
     return os.path.join(storage, "elastic", "metrics.jsonl")
 
@@ -87,6 +90,8 @@ FAKE_PROVIDER_CONFIG = {  # Ray's fake_multinode example config, which the Ray w
 
 
 def autoscale(data: str, storage: str) -> None:
+    import subprocess
+
     import ray
     from ray.cluster_utils import AutoscalingCluster
 
@@ -97,12 +102,18 @@ def autoscale(data: str, storage: str) -> None:
 
     cluster = FakeAutoscalingCluster(head_resources={"CPU": 2}, worker_node_types={
         "cpu_node": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}})
+    # A head started with `ray start` in token mode needs a token on disk; the embedded cluster of an earlier
+    # test may have written it, but this drill also runs alone on a fresh machine.
+    subprocess.run(["ray", "get-auth-token", "--generate"], check=True, stdout=subprocess.DEVNULL)
     cluster.start()  # note: `ray stop --force` first, so this drill runs apart from other Ray clusters
     try:
         ray.init("auto")
         # The autoscaler adds the node within seconds; a slower resize check lets the 1-worker group start up and
-        # pass a checkpoint first (start-up alone took over 40 s on a busy 2-core machine).
-        metrics = start_endless_run(data, storage, resize_interval_s=90, workers="{min: 1, max: 2}")
+        # record steps first (start-up takes about 25 s here, this drill running alone; over 60 s on a busy
+        # 2-core machine, where a 60 s check resized the group before it had recorded a step). No snapshots:
+        # this drill is about growing, and holders on a node that comes and goes are the node-loss drill's part.
+        metrics = start_endless_run(data, storage, resize_interval_s=90, workers="{min: 1, max: 2}",
+                                    memory_every=0)
         wait_for(lambda: any(ws == 1 for _, ws in world_sizes(metrics)), "the run to start at min workers")
         wait_for(lambda: any(ws == 2 for _, ws in world_sizes(metrics)), "the autoscaler to add a node")
         print("WORLD_SIZES " + json.dumps(world_sizes(metrics)), flush=True)

@@ -1,5 +1,6 @@
-"""Node loss, return and drain on a real 2-node local Ray cluster: the elastic run shrinks, goes on, grows, and
-checkpoints before a drained node goes, its losses those of one uninterrupted worker."""
+"""Node loss, return and drain on a real 2-node local Ray cluster: the elastic run shrinks (restored from the
+in-memory snapshot's replica on the surviving node), goes on, grows, and checkpoints before a drained node goes,
+its losses those of one uninterrupted worker."""
 from __future__ import annotations
 
 import json
@@ -57,6 +58,10 @@ def test_node_loss_return_and_drain_keep_the_one_worker_losses(tiny_data, tmp_pa
     steps = [s for s, _ in sizes]
     assert steps == sorted(set(steps)), "a step was recorded twice or out of order"
     elastic = {r["step"]: r for r in records(str(tmp_path / "runs" / "elastic" / "metrics.jsonl"))}
+    # The lost node's ranks' shares came back from their replicas on the head node: a step or two lost, not up
+    # to a checkpoint interval.
+    first = next(r for s, r in sorted(elastic.items()) if "resumed_from" in r)
+    assert first.get("resumed_from_memory"), first
     # The drain was answered by a checkpoint of its own (a few steps later: the notice travels through Ray Train's
     # status polls), and the run resumed from that checkpoint when the node went.
     assert drain["checkpoint"] > drain["noticed_after"] and elastic[drain["checkpoint"]]["node_drain"]

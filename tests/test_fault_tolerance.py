@@ -1,16 +1,18 @@
 """Worker loss, torn checkpoints and world-size changes on the shared local Ray cluster."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from raypt import checkpoint
+from raypt import checkpoint, console
 from raypt.hooks.faults import fired
 from raypt.driver import TrainingFailed, run_dir, train
 from raypt.metrics.sink import read_metrics
@@ -44,6 +46,62 @@ def test_sigkilled_worker_resumes_exactly(reference, make_job):
         assert got[step]["sample_ids"] == reference[step]["sample_ids"], step
     seen = [i for step in range(1, STEPS + 1) for i in got[step]["sample_ids"]]
     assert len(seen) == len(set(seen)) == STEPS * cfg.train.global_batch, "a sample was repeated or skipped"
+
+
+def test_sigkilled_worker_resumes_from_its_in_memory_snapshot(reference, make_job, monkeypatch):
+    """Snapshots every step, a durable checkpoint only at the end: a kill at a random step loses at most one."""
+    kill = random.randint(3, STEPS - 1)
+    monkeypatch.setattr(console, "_console", shown := io.StringIO())
+    cfg = make_job("run.name=ft-memory", f"train.steps={STEPS}", f"checkpoint.every={STEPS}",
+                   "checkpoint.memory_every=1", "run.log_sample_ids=true", f"faults.kill_at_step={kill}",
+                   "faults.kill_rank=1", "failure.max_failures=1")
+    got = by_step(train(cfg))
+    resumed = [r for r in got.values() if "resumed_from" in r]
+    assert len(resumed) == 1 and resumed[0].get("resumed_from_memory"), (kill, resumed)
+    assert kill - 1 - resumed[0]["resumed_from"] <= 1, f"killed at step {kill}, resumed from {resumed}"
+    assert f"resuming from the in-memory snapshot of step {resumed[0]['resumed_from']}" in shown.getvalue()
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s]["loss"] for s in sorted(got)] == [reference[s]["loss"] for s in sorted(got)], kill  # bit for bit
+    assert [got[s]["sample_ids"] for s in sorted(got)] == [reference[s]["sample_ids"] for s in sorted(got)]
+    assert "memory_snapshot_s" in got[STEPS]
+
+
+def kill_snapshot_holders(loop, step: int, record: dict) -> None:
+    """A drill: the holders of this node's in-memory snapshots go, as they would with their node."""
+    import ray
+
+    if loop.rank == 0:
+        for _, holder in ray.get(loop.snapshots.holders_for.remote(ray.get_runtime_context().get_node_id())):
+            ray.kill(holder)
+
+
+def test_snapshot_without_a_live_holder_falls_back_to_the_durable_checkpoint(reference, make_job, monkeypatch):
+    """Every holder goes at step 6 (the one node's), a worker at step 7: the durable step-4 checkpoint restores
+    (the snapshot of step 5, or 6, was being handed over as the holders went)."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    monkeypatch.setattr(console, "_console", shown := io.StringIO())
+    cfg = make_job("run.name=ft-memory-lost", f"train.steps={STEPS}", "checkpoint.every=4",
+                   "checkpoint.memory_every=1", "faults.kill_at_step=7", "faults.kill_rank=1",
+                   "failure.max_failures=1")
+    got = by_step(train(cfg, hooks=((kill_snapshot_holders, 6),)))
+    resumed = [r for r in got.values() if "resumed_from" in r]
+    assert len(resumed) == 1 and resumed[0]["resumed_from"] == 4 and not resumed[0].get("resumed_from_memory")
+    text = shown.getvalue()
+    assert "was not kept: its holder on node" in text, text
+    assert "share went with its holders" in text and "resuming from the durable checkpoints" in text, text
+    assert all(abs(got[s]["loss"] - reference[s]["loss"]) <= 1e-5 for s in range(1, STEPS + 1))
+
+
+def test_snapshot_over_its_limit_is_named_and_the_run_goes_on(ray_cluster, make_job, monkeypatch):
+    monkeypatch.setattr(console, "_console", shown := io.StringIO())
+    cfg = make_job("run.name=ft-memory-limit", "train.steps=2", "scaling.workers=1", "checkpoint.memory_every=1",
+                   "checkpoint.memory_limit_gb=1e-6")
+    got = by_step(train(cfg))
+    assert sorted(got) == [1, 2]
+    assert "checkpoint.memory_limit_gb=1e-06: a snapshot share of" in shown.getvalue(), shown.getvalue()
+    assert "in-memory snapshots are off for this attempt" in shown.getvalue()
 
 
 @pytest.mark.slow  # bf16 on CPU is slow

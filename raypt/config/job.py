@@ -94,6 +94,13 @@ class CheckpointConfig(Section):
     """When checkpoints are written and how many are kept."""
     every: int = Field(50, ge=1, description="steps between checkpoints (the last step always has one)")
     keep: int = Field(3, ge=1, description="newest good checkpoints kept in the run folder; older ones are deleted")
+    memory_every: int = Field(0, ge=0, description="steps between in-memory snapshots in Ray's object store, each "
+                              "rank's share on its node and on one other (raypt/checkpoint/memory.py): a lost "
+                              "worker or node costs at most this many steps; 0 = off (benchmarks/recovery.py "
+                              "measures the cost at 10 and at 1)")
+    memory_limit_gb: float = Field(4.0, gt=0, description="object-store memory the snapshots may take on each node "
+                                   "(the newest complete snapshot and the one being made): a share that does not "
+                                   "fit is an error naming this setting")
 
 
 class FailureConfig(Section):

@@ -10,10 +10,11 @@ from raypt.hooks.base import Hook
 
 class SinkReport(Hook):
     """Rank 0's records reach the sink about once a second: one actor call per second instead of one per step on
-    the ranks' cores. Notable records (evaluations, resumptions, checkpoints) go at once."""
+    the ranks' cores. Notable records (evaluations, resumptions, checkpoints) go at once, and so does the outbox at
+    each in-memory snapshot (every `snapshot_every` steps), which a resumed run must find every record before."""
 
-    def __init__(self, sink: Any, log_every: int):
-        self.sink, self.log_every = sink, log_every
+    def __init__(self, sink: Any, log_every: int, snapshot_every: int = 0):
+        self.sink, self.log_every, self.snapshot_every = sink, log_every, snapshot_every
         self.outbox: list[dict] = []
         self.sent_at = 0.0
 
@@ -22,9 +23,9 @@ class SinkReport(Hook):
 
         ray.get(self.sink.begin.remote(loop.state.step))
 
-    def send(self, record: dict, now: bool) -> None:
-        self.outbox.append(record)
-        if now or time.monotonic() - self.sent_at >= 1.0:
+    def send(self, record: Optional[dict], now: bool) -> None:
+        self.outbox += [record] if record is not None else []
+        if self.outbox and (now or time.monotonic() - self.sent_at >= 1.0):
             self.sink.log.remote(self.outbox)
             self.outbox, self.sent_at = [], time.monotonic()
 
@@ -39,8 +40,8 @@ class SinkReport(Hook):
         if loop.saved_this_step:
             return
         notable = "val_loss" in record or "resumed_from" in record
-        if step % self.log_every == 0 or notable:
-            self.send(record, now=notable)
+        snapshot = bool(self.snapshot_every) and step % self.snapshot_every == 0
+        self.send(record if step % self.log_every == 0 or notable else None, now=notable or snapshot)
 
     def end(self, loop: Any) -> None:
         if self.outbox:
@@ -86,11 +87,13 @@ class RayReport(Hook):
 
 
 class ResumeNote(Hook):
-    """Rank 0 says where a resumed run came from, and which trajectory settings a fork changed."""
+    """Rank 0 says where a resumed run came from, and which trajectory settings a fork changed; the first
+    resumed step's record says `resumed_from_memory` when an in-memory snapshot was its source."""
 
     def start(self, loop: Any, reader: Optional[Any]) -> None:
         from raypt.config import trajectory_diff
 
+        self.from_memory = getattr(reader, "in_memory", False)
         if reader is None or loop.rank != 0:
             return
         if reader.state.world_size == 0:  # run.init_from: a new run on another model's weights (checkpoint.init)
@@ -98,11 +101,16 @@ class ResumeNote(Hook):
             loop.note(f"started from the weights of {reader.origin} (Adam's state {kept}; step, tokens and data "
                       "position from 0)")
             return
-        loop.note(f"resumed from step {reader.state.step} ({reader.state.world_size} -> {loop.world} workers, "
-                  f"{loop.engine.micro_batches} accumulation steps)")
+        source = "its in-memory snapshot, " if self.from_memory else ""
+        loop.note(f"resumed from step {reader.state.step} ({source}{reader.state.world_size} -> {loop.world} "
+                  f"workers, {loop.engine.micro_batches} accumulation steps)")
         changed = trajectory_diff(reader.trajectory, loop.cfg.trajectory()) if reader.trajectory else []
         if changed:  # only a fork (run.resume_from) gets here: the driver refuses it for an auto-resume
             loop.note(f"forked with changed settings: {', '.join(changed)}")
+
+    def after_step(self, loop: Any, step: int, record: dict) -> None:
+        if self.from_memory and "resumed_from" in record:
+            record["resumed_from_memory"] = True
 
 
 class SampleAudit(Hook):

@@ -92,6 +92,9 @@ class Sink:
         reports, self.reports = self.reports, []
         return reports
 
+    def received(self) -> None:
+        """A barrier: a caller's records sent before this call have arrived (one caller's calls run in order)."""
+
     def ack(self, step: int) -> None:
         self.acked = max(self.acked, step)
 
