@@ -50,6 +50,10 @@ def save_every_stage(rank: int, world: int, out_dir: str) -> dict:
         save_checkpoint(engine, os.path.join(out_dir, f"zero{stage}"), TrainState(step=2, world_size=world),
                         hooks.states(), cfg.model_dump(mode="json"), cfg.trajectory())
         out[stage] = losses + train(task, engine, range(3, 5))
+        if stage == 3:  # fp32 masters share the working partitions' storage through steps and a save
+            opt = engine.ds.optimizer
+            out["shared"] = [m is w for w, m in
+                             zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat)]
     return out
 
 
@@ -81,6 +85,7 @@ def test_zero_stages_train_alike(saved):
     assert reference[-1] < reference[0]
     for stage in STAGES[1:]:
         assert max(abs(a - b) for a, b in zip(reference, losses[str(stage)])) <= 1e-5, stage
+    assert losses["shared"] and all(losses["shared"]), losses["shared"]  # no second fp32 copy of the model
 
 
 @pytest.mark.parametrize("world,shift", [(1, 1), (3, 2), pytest.param(4, 3, marks=pytest.mark.slow)])

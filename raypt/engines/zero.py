@@ -5,7 +5,7 @@ import fcntl
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
@@ -84,6 +84,31 @@ def load_ops(cfg: JobConfig) -> None:
             builder.load(verbose=False)
 
 
+def share_fp32_masters() -> None:
+    """ZeRO-3 in fp32: let each fp32 master partition be the working partition itself, as DeepSpeed means to
+    (stage3 `_create_fp32_partitions`). Its test compares the partition's torch.device with a device name, which
+    are never equal, so it clones them: 4 bytes per parameter over the world for nothing, allocated during the
+    build. While the partitions are created, the optimizer's device is given as a torch.device. Offloaded
+    optimizers keep their own (their branch comes first and compares nothing). Idempotent."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    create = Stage3._create_fp32_partitions
+    if getattr(create, "raypt_shares", False):
+        return
+
+    def create_sharing(self: Any) -> None:
+        named = self.device
+        if not self.offload_optimizer:
+            self.device = torch.device(named)
+        try:
+            create(self)
+        finally:
+            self.device = named
+
+    create_sharing.raypt_shares = True  # type: ignore[attr-defined]
+    Stage3._create_fp32_partitions = create_sharing
+
+
 class ZeroEngine(Engine):
     """`deepspeed.initialize` with ZeRO stage 0-3. Offload needs DeepSpeed's CPU Adam; otherwise torch's AdamW
     (fused on CUDA) skips a JIT build."""
@@ -114,6 +139,7 @@ class ZeroEngine(Engine):
     @classmethod
     def build(cls, model: torch.nn.Module, cfg: JobConfig, topology: Topology, restore=None) -> "ZeroEngine":
         load_ops(cfg)
+        share_fp32_masters()
         import deepspeed
 
         conf = ds_config(cfg, topology.dp_size)
