@@ -31,16 +31,19 @@ def reference(ray_cluster, make_job):
     return by_step(train(cfg))
 
 
-def test_sigkilled_worker_resumes_exactly(reference, make_job):
+def test_sigtermed_then_sigkilled_worker_resumes_exactly(reference, make_job):
+    """SIGTERM before step 3 commits a checkpoint at that step (checkpoints are every 2); SIGKILL before step 7
+    resumes from the newest checkpoint; every step's loss and samples are the uninterrupted run's."""
     cfg = make_job("run.name=ft-kill", f"train.steps={STEPS}", "checkpoint.every=2", "run.log_sample_ids=true",
-                   "faults.kill_at_step=5", "faults.kill_rank=1", "failure.max_failures=1")
+                   "faults.sigterm_at_step=3", "faults.kill_at_step=7", "faults.kill_rank=1",
+                   "failure.max_failures=2")
     folder = train(cfg)
-    assert fired(folder, "kill")["step"] == 5
+    assert fired(folder, "sigterm")["step"] == 3 and fired(folder, "kill")["step"] == 7
     got = by_step(folder)
     assert sorted(got) == list(range(1, STEPS + 1))
-    resumed = [r for r in got.values() if "resumed_from" in r]
-    # step 4's checkpoint counts only if the killed rank's async upload finished; else step 2's is the latest
-    assert len(resumed) == 1 and resumed[0]["resumed_from"] in (2, 4)
+    resumed = [(s, r["resumed_from"]) for s, r in sorted(got.items()) if "resumed_from" in r]
+    # step 6's checkpoint counts only if the killed rank's async upload finished; else step 4's is the newest
+    assert resumed[0] == (4, 3) and resumed[1:] in ([(5, 4)], [(7, 6)]), resumed
     for step in range(1, STEPS + 1):
         assert abs(got[step]["loss"] - reference[step]["loss"]) <= 1e-5, step
         assert got[step]["sample_ids"] == reference[step]["sample_ids"], step
@@ -139,18 +142,6 @@ def test_exhausted_failures_end_clearly_with_checkpoints_intact(ray_cluster, mak
     assert "step000002, step000004" in message and "resume from step000004" in message
     kept = checkpoint.list_checkpoints(run_dir(cfg))
     assert [checkpoint.read_state(u)[0].step for u in kept] == [2, 4]
-
-
-def test_sigterm_commits_a_checkpoint_at_that_step(reference, make_job):
-    cfg = make_job("run.name=ft-sigterm", f"train.steps={STEPS}", "checkpoint.every=4", "run.log_sample_ids=true",
-                   "faults.sigterm_at_step=3", "faults.kill_rank=1", "failure.max_failures=1")
-    folder = train(cfg)
-    got = by_step(folder)
-    assert got[4]["resumed_from"] == 3, "the SIGTERM'd step was not committed"
-    assert checkpoint.read_state(f"{folder}/step000004")[0].step == 4
-    for step in range(1, STEPS + 1):
-        assert abs(got[step]["loss"] - reference[step]["loss"]) <= 1e-5, step
-        assert got[step]["sample_ids"] == reference[step]["sample_ids"], step
 
 
 def test_two_worker_zero3_checkpoint_resumes_on_one_worker(reference, make_job):

@@ -86,17 +86,6 @@ def submit(address: str, env: dict, *args: str, wait: bool = True) -> subprocess
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_quickstart_job_succeeds_with_checkpoint_and_export(head, make_job, tmp_path):
-    address, env = head
-    cfg = make_job("run.name=submitted", "train.steps=6", "checkpoint.every=3")
-    proc = submit(address, env, job_file(cfg, tmp_path / "job.yaml"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "SUCCEEDED" in proc.stdout
-    folder = run_dir(cfg)
-    assert os.path.isfile(os.path.join(folder, "step000006", "raypt_state.json"))
-    assert os.path.isfile(os.path.join(folder, "export", "model.safetensors"))
-
-
 def test_config_mistake_fails_fast_with_the_clear_error(head, make_job, tmp_path):
     address, env = head
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -115,7 +104,7 @@ def test_config_mistake_fails_fast_with_the_clear_error(head, make_job, tmp_path
     assert "deepspeed.zero_stage: got 7" in logs and "Traceback" not in logs
 
 
-def test_stopped_job_resubmitted_resumes_from_its_checkpoint(head, make_job, tmp_path):
+def test_stopped_job_resubmitted_resumes_and_succeeds_with_checkpoint_and_export(head, make_job, tmp_path):
     address, env = head
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -140,7 +129,9 @@ def test_stopped_job_resubmitted_resumes_from_its_checkpoint(head, make_job, tmp
     stopped_at = max(r["step"] for r in read_metrics(folder))
     assert stopped_at < 120
     proc = submit(address, env, job)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout
+    assert os.path.isfile(os.path.join(folder, "export", "model.safetensors"))
     records = read_metrics(folder)
     assert [r["step"] for r in records] == list(range(121))
     resumed = [r for r in records if "resumed_from" in r]

@@ -12,12 +12,11 @@ import re
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 from PIL import Image, ImageEnhance, ImageOps
-from scipy.ndimage import gaussian_filter
-from scipy.signal import resample_poly
-from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+# SciPy, soundfile and transformers' audio helpers are imported where they are used: every training worker
+# imports this module, and a text job would pay about a second per process for them.
 
 RESAMPLE = Image.Resampling.BICUBIC
 RATIO = (math.log(3 / 4), math.log(4 / 3))  # RandomResizedCrop's aspect-ratio range, sampled log-uniformly
@@ -66,6 +65,8 @@ def _chance(rng: np.random.Generator, p: float) -> bool:
 def _blur(view: Image.Image, sigma: float) -> Image.Image:
     """Gaussian blur as SimCLR's (torchvision's GaussianBlur): a kernel of 10% of the side, odd and at least 3 px,
     normalised after truncation, edges mirrored."""
+    from scipy.ndimage import gaussian_filter
+
     radius = max(1, int(0.1 * view.width) // 2)
     blurred = gaussian_filter(np.asarray(view, dtype=np.float32), sigma=(sigma, sigma, 0), mode="mirror",
                               radius=(radius, radius, 0))
@@ -130,6 +131,8 @@ def patchify(images: np.ndarray | torch.Tensor, patch: int) -> np.ndarray | torc
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Mono float32 samples (channels averaged) and the file's own sample rate."""
+    import soundfile as sf
+
     try:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
@@ -147,6 +150,8 @@ def audio_frames(cfg: Any) -> int:
 @functools.lru_cache(maxsize=8)
 def _filters(sample_rate: int, n_fft: int, n_mels: int) -> tuple[np.ndarray, np.ndarray]:
     """Hann window and Slaney mel filters (Whisper's), built once per worker per configuration."""
+    from transformers.audio_utils import mel_filter_bank, window_function
+
     mel = mel_filter_bank(num_frequency_bins=1 + n_fft // 2, num_mel_filters=n_mels, min_frequency=0.0,
                           max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm="slaney", mel_scale="slaney")
     return window_function(n_fft, "hann"), mel
@@ -157,6 +162,9 @@ def audio_features(data: bytes, cfg: Any, rng: np.random.Generator | None) -> np
 
     With rng, a longer recording is clipped at a random offset; without (evaluation), from its start.
     """
+    from scipy.signal import resample_poly
+    from transformers.audio_utils import spectrogram
+
     samples, rate = decode_audio(data)
     if rate != cfg.sample_rate:
         g = math.gcd(cfg.sample_rate, rate)
