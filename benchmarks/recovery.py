@@ -1,11 +1,14 @@
 """Recovery after a worker is SIGKILLed mid-run, from durable checkpoints and from in-memory snapshots, and what
 the snapshots cost, in one invocation.
 
-Two 2-worker quickstart runs (ZeRO-2) lose rank 1 to SIGKILL at step KILL_AT: one with durable checkpoints every
-EVERY steps only, one also with in-memory snapshots every step (checkpoint.memory_every=1). Then uninterrupted
-runs without snapshots, with them every 10 steps and every step, in alternating rounds. Figures:
+2-worker quickstart runs (ZeRO-2) lose rank 1 to SIGKILL at step KILL_AT: with durable checkpoints every EVERY
+steps only, and also with in-memory snapshots every step (checkpoint.memory_every=1), in rounds of alternating
+order (durable, memory; memory, durable; ...), each run ending 10 steps after the kill. Then uninterrupted runs
+without snapshots, with them every 10 steps and every step, in rounds whose order reverses each time (0, 10, 1;
+1, 10, 0; ...), so that this machine's drift over the invocation lands on every setting alike. Times are medians over the rounds. Figures:
 - recovery_vs_cold_start: (kill -> end of the first resumed step) / (fit start -> end of step 1), durable run
-- lost_steps: steps computed before the kill that had to be recomputed (durable); lost_steps_memory (snapshots)
+- lost_steps: steps computed before the kill that had to be recomputed (durable); lost_steps_memory (snapshots,
+  the most over the rounds)
 - recovery_memory_vs_durable: kill -> end of the first resumed step, snapshot run over durable run;
   regain_memory_vs_durable: the same to the end of the step the kill interrupted (lost steps recomputed)
 - checkpoint_overhead_fraction: time inside checkpoint saves / wall time of the training steps
@@ -71,14 +74,23 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=40)
     ap.add_argument("--kill-at", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kill-rounds", type=int, default=3)
     args = ap.parse_args()
     init_ray()
-    durable = killed("durable", args.steps, args.every, args.kill_at)
-    memory = killed("memory", args.steps, args.every, args.kill_at, "checkpoint.memory_every=1")
+    kills: dict[str, list[dict]] = {"durable": [], "memory": []}
+    for i in range(args.kill_rounds):
+        for kind in (("durable", "memory") if i % 2 == 0 else ("memory", "durable")):
+            extra = ("checkpoint.memory_every=1",) if kind == "memory" else ()
+            # 10 steps past the kill: enough for the resumed steps these figures read
+            kills[kind].append(killed(f"{kind}-{i}", args.kill_at + 10, args.every, args.kill_at, *extra))
+    durable, memory = ({k: (statistics.median(r[k] for r in runs) if isinstance(runs[0][k], float) else runs[0][k])
+                        for k in runs[0]} for runs in (kills["durable"], kills["memory"]))
+    memory["from_memory"] = all(r["from_memory"] for r in kills["memory"])
+    memory["lost_steps"] = max(r["lost_steps"] for r in kills["memory"])
     walls: dict[int, list[float]] = {0: [], 10: [], 1: []}
     held: dict[int, list[float]] = {10: [], 1: []}
-    for i in range(args.rounds):  # alternating, so that drift in this machine's speed hits every setting alike
-        for k in walls:
+    for i in range(args.rounds):
+        for k in (walls if i % 2 == 0 else reversed(list(walls))):
             _, _, records = run(f"overhead-{k}-{i}", args.steps, args.steps, f"checkpoint.memory_every={k}")
             walls[k].append(span(records))
             if k:
@@ -102,7 +114,10 @@ def main() -> None:
         "regain_s_durable": durable["regain_s"],
         "regain_s_memory": memory["regain_s"],
         "regain_memory_vs_durable": memory["regain_s"] / durable["regain_s"],
+        "recovery_s_rounds": {k: [r["recovery_s"] for r in v] for k, v in kills.items()},
+        "lost_steps_rounds": {k: [r["lost_steps"] for r in v] for k, v in kills.items()},
         "rounds": args.rounds,
+        "kill_rounds": args.kill_rounds,
     }
     for k in held:
         ratios = [w / base for w, base in zip(walls[k], walls[0])]

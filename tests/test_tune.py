@@ -131,12 +131,13 @@ def records(folder: str, trial: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def grid(ray_cluster, make_job, tmp_path_factory):
-    """A 2 x 2 grid (peak LR x schedule) of 1-worker trials, two at a time, tracked in a local MLflow store."""
+    """A grid of two 1-worker trials (peak LR) at once, tracked in a local MLflow store (how grid points cross is
+    the unit tests' business)."""
     from raypt.tune.run import run_sweep
 
     tmp = tmp_path_factory.mktemp("grid")
     sweep, base = tiny_sweep(tmp, make_job, ("run.trackers=[tensorboard,mlflow]",), name="grid", search={
-        "train.lr": {"grid": [1e-3, 3e-3]}, "train.schedule": {"grid": ["cosine", "constant"]}})
+        "train.lr": {"grid": [1e-3, 3e-3]}})
     store = {"MLFLOW_TRACKING_URI": f"file:{tmp / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true",
              "MLFLOW_DISABLE_TELEMETRY": "true"}
     saved = {k: os.environ.get(k) for k in store}
@@ -154,16 +155,15 @@ def test_grid_sweep_writes_table_curves_and_a_runnable_best_job(grid, make_job):
 
     folder, tmp = grid
     rows = sweep_rows(folder)
-    assert len(rows) == 4 and all(r["status"] == "finished" and r["step"] == 4 for r in rows.values())
-    assert sorted((r["train.lr"], r["train.schedule"]["name"]) for r in rows.values()) == [
-        (1e-3, "constant"), (1e-3, "cosine"), (3e-3, "constant"), (3e-3, "cosine")]
+    assert len(rows) == 2 and all(r["status"] == "finished" and r["step"] == 4 for r in rows.values())
+    assert sorted(r["train.lr"] for r in rows.values()) == [1e-3, 3e-3]
     table = open(os.path.join(folder, "results.md")).read()
     assert all(name in table for name in rows) and "final_val_loss" in table
-    assert len(open(os.path.join(folder, "results.csv")).read().strip().splitlines()) == 5
+    assert len(open(os.path.join(folder, "results.csv")).read().strip().splitlines()) == 3
     assert open(os.path.join(folder, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     best = min(rows.values(), key=lambda r: r["final_val_loss"])
     cfg = config.load(os.path.join(folder, "best.yaml"), [f"run.storage={tmp / 'best'}"])
-    assert cfg.train.lr == best["train.lr"] and cfg.train.schedule.name == best["train.schedule"]["name"]
+    assert cfg.train.lr == best["train.lr"]
     assert not os.path.exists(os.path.join(folder, best["trial"], "export"))  # trials do not export
     again = [r["val_loss"] for r in read_metrics(train(cfg)) if "val_loss" in r]
     assert abs(again[-1] - best["final_val_loss"]) <= 1e-5  # the best job reproduces its trial
