@@ -91,8 +91,9 @@ def _entry(rank: int, world: int, port: int, scenario: Callable, out_dir: str, k
     os._exit(0)
 
 
-# Ranks fork from one server that imported these once (about 3 s per process on 2 cores otherwise); it has run
-# no torch op and started no thread, so a fork of it is as clean as a fresh process.
+# Ranks fork from one server that imported these once (about 3 s per process on 2 cores otherwise). It has run
+# no torch op and started no Python thread; its only threads are native idle helpers (torch's, pyarrow's
+# jemalloc background thread), which a fork leaves behind as it does for torch's DataLoader workers.
 PRELOAD = ["torch", "deepspeed", "transformers.models.llama.modeling_llama", "raypt.engines.zero", "raypt.tasks",
            "raypt.checkpoint"]
 
