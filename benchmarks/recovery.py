@@ -4,8 +4,9 @@ the snapshots cost, in one invocation.
 2-worker quickstart runs (ZeRO-2) lose rank 1 to SIGKILL at step KILL_AT: with durable checkpoints every EVERY
 steps only, and also with in-memory snapshots every step (checkpoint.memory_every=1), in rounds of alternating
 order (durable, memory; memory, durable; ...), each run ending 10 steps after the kill. Then uninterrupted runs
-without snapshots, with them every 10 steps and every step, in rounds whose order reverses each time (0, 10, 1;
-1, 10, 0; ...), so that this machine's drift over the invocation lands on every setting alike. Times are medians over the rounds. Figures:
+without snapshots, with them every 10 steps and every step, in the order 0, 10, 1, 0, 10, 1, ..., 0, so that each
+run with snapshots is compared with the runs without on either side of it (this machine's speed drifts over an
+invocation). Times are medians over the rounds. Figures:
 - recovery_vs_cold_start: (kill -> end of the first resumed step) / (fit start -> end of step 1), durable run
 - lost_steps: steps computed before the kill that had to be recomputed (durable); lost_steps_memory (snapshots,
   the most over the rounds)
@@ -13,8 +14,8 @@ without snapshots, with them every 10 steps and every step, in rounds whose orde
   regain_memory_vs_durable: the same to the end of the step the kill interrupted (lost steps recomputed)
 - checkpoint_overhead_fraction: time inside checkpoint saves / wall time of the training steps
 - memory_snapshot_overhead_fraction_{10,1}: median over the rounds of the training steps' wall time with
-  snapshots every 10 (every 1) steps over that without, less 1; memory_snapshot_held_fraction_*: the time the
-  snapshot hook held the training thread, over the steps' wall time
+  snapshots every 10 (every 1) steps over that without (interpolated between the runs on either side), less 1;
+  memory_snapshot_held_fraction_*: the time the snapshot hook held the training thread, over the steps' wall time
 """
 from __future__ import annotations
 
@@ -87,14 +88,23 @@ def main() -> None:
                         for k in runs[0]} for runs in (kills["durable"], kills["memory"]))
     memory["from_memory"] = all(r["from_memory"] for r in kills["memory"])
     memory["lost_steps"] = max(r["lost_steps"] for r in kills["memory"])
-    walls: dict[int, list[float]] = {0: [], 10: [], 1: []}
+    # Overhead runs in the order 0, 10, 1, 0, 10, 1, ..., 0: each run with snapshots lies between two without,
+    # and is compared with their wall time interpolated at its place, since this machine's speed drifts over an
+    # invocation by as much as the overhead measured (3 % from one run to the next on a slow day).
+    sequence = [k for _ in range(args.rounds) for k in (0, 10, 1)] + [0]
+    walls: list[tuple[int, float]] = []
     held: dict[int, list[float]] = {10: [], 1: []}
-    for i in range(args.rounds):
-        for k in (walls if i % 2 == 0 else reversed(list(walls))):
-            _, _, records = run(f"overhead-{k}-{i}", args.steps, args.steps, f"checkpoint.memory_every={k}")
-            walls[k].append(span(records))
-            if k:
-                held[k].append(sum(r.get("memory_snapshot_s", 0.0) for r in records) / span(records))
+    for i, k in enumerate(sequence):
+        _, _, records = run(f"overhead-{k}-{i}", args.steps, args.steps, f"checkpoint.memory_every={k}")
+        walls.append((k, span(records)))
+        if k:
+            held[k].append(sum(r.get("memory_snapshot_s", 0.0) for r in records) / span(records))
+    base = [(i, w) for i, (k, w) in enumerate(walls) if k == 0]
+    ratios: dict[int, list[float]] = {10: [], 1: []}
+    for i, (k, w) in enumerate(walls):
+        if k:
+            (i0, w0), (i1, w1) = max(b for b in base if b[0] < i), min(b for b in base if b[0] > i)
+            ratios[k].append(w / (w0 + (w1 - w0) * (i - i0) / (i1 - i0)))
     figures = {
         "recovery_vs_cold_start": durable["recovery_s"] / durable["cold_start_s"],
         "recovery_s": durable["recovery_s"],
@@ -120,11 +130,10 @@ def main() -> None:
         "kill_rounds": args.kill_rounds,
     }
     for k in held:
-        ratios = [w / base for w, base in zip(walls[k], walls[0])]
-        figures[f"memory_snapshot_overhead_fraction_{k}"] = statistics.median(ratios) - 1
-        figures[f"memory_snapshot_overhead_fraction_{k}_spread"] = [min(ratios) - 1, max(ratios) - 1]
+        figures[f"memory_snapshot_overhead_fraction_{k}"] = statistics.median(ratios[k]) - 1
+        figures[f"memory_snapshot_overhead_fraction_{k}_spread"] = [min(ratios[k]) - 1, max(ratios[k]) - 1]
         figures[f"memory_snapshot_held_fraction_{k}"] = statistics.median(held[k])
-    figures["steps_wall_s"] = {str(k): v for k, v in walls.items()}
+    figures["steps_wall_s"] = {str(k): [w for kk, w in walls if kk == k] for k in (0, 10, 1)}
     write_result("recovery", figures)
 
 

@@ -70,17 +70,22 @@ def test_sigkilled_worker_resumes_from_its_in_memory_snapshot(reference, make_jo
 
 
 def kill_snapshot_holders(loop, step: int, record: dict) -> None:
-    """A drill: the holders of this node's in-memory snapshots go, as they would with their node."""
+    """A drill: the holders of this node's in-memory snapshots go, as they would with their node (on one node, the
+    registry is that holder)."""
     import ray
 
     if loop.rank == 0:
-        for _, holder in ray.get(loop.snapshots.holders_for.remote(ray.get_runtime_context().get_node_id())):
+        try:
+            holders = ray.get(loop.snapshots.holders_for.remote(ray.get_runtime_context().get_node_id()))
+        except ray.exceptions.RayError:  # gone already: the resumed attempt passes this step again
+            return
+        for _, holder in holders:
             ray.kill(holder)
 
 
 def test_snapshot_without_a_live_holder_falls_back_to_the_durable_checkpoint(reference, make_job, monkeypatch):
-    """Every holder goes at step 6 (the one node's), a worker at step 7: the durable step-4 checkpoint restores
-    (the snapshot of step 5, or 6, was being handed over as the holders went)."""
+    """Every holder goes at step 6 (the one node's, which is the registry), a worker at step 7: the durable step-4
+    checkpoint restores (the snapshot of step 5, or 6, was being handed over as the holders went)."""
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
@@ -92,8 +97,8 @@ def test_snapshot_without_a_live_holder_falls_back_to_the_durable_checkpoint(ref
     resumed = [r for r in got.values() if "resumed_from" in r]
     assert len(resumed) == 1 and resumed[0]["resumed_from"] == 4 and not resumed[0].get("resumed_from_memory")
     text = shown.getvalue()
-    assert "was not kept: its holder on node" in text, text
-    assert "share went with its holders" in text and "resuming from the durable checkpoints" in text, text
+    assert "the in-memory snapshot registry is gone, and the shares its node held with it" in text, text
+    assert "resuming from the durable checkpoints" in text, text
     assert all(abs(got[s]["loss"] - reference[s]["loss"]) <= 1e-5 for s in range(1, STEPS + 1))
 
 

@@ -2,21 +2,24 @@
 bytes its checkpoint file would hold, goes into Ray's object store on its own node and on one other.
 
 Ray's ownership rule decides the design: an object is lost with the process that owns it, whatever copies exist.
-A worker that `ray.put`s its share loses it when it dies, which is exactly when it is needed. So one `Holder`
-actor per node takes each share and puts its own copy: the holder owns it and outlives any worker group. The
-`Snapshots` registry (beside the driver, which owns it; it creates the holders, so it owns them) keeps the index:
-which shares of which step are held where, each rank's index entries and rank 0's index body. A snapshot is
-complete when every rank of its world recorded its share; the registry then drops every older step, so at most
-the newest complete one and the one being assembled are held.
+A worker that `ray.put`s its share loses it when it dies, which is exactly when it is needed. So one holder per
+node takes each share and keeps it: the holder keeps the array Ray hands it, a view of the shared memory the
+share arrived in, which the object store cannot free while the holder maps it, even after the sender died (no
+second copy; restoring reads it through the holder). The holders outlive any worker group. The `Snapshots`
+registry (beside the driver, which owns it; it creates the other holders, so it owns them) is itself the holder of
+its own node, since every idle Ray worker process wakes each 10 ms and a spare one costs a rank's core about 1 %.
+It keeps the index: which shares of which step are held where, each rank's index entries and rank 0's index body.
+A snapshot is complete when every rank of its world recorded its share; the registry then drops every older
+step, so at most the newest complete one and the one being assembled are held.
 
 After a failure, `newest` gives the newest complete snapshot whose every share still has a live holder. The
 restarted group reads it through the same `Reader` as a durable checkpoint (at any world size), each rank
 fetching the files it reads from the nearest holder. Durable checkpoints are written as before: a snapshot is
-never the only copy of a step that `checkpoint.every` promised.
+never the only copy of a step that `checkpoint.every` promised; if the registry itself is gone (with its
+holder), the run resumes from them and goes on without snapshots.
 """
 from __future__ import annotations
 
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -33,52 +36,62 @@ def _size(n: int) -> str:
     return f"{n / GiB:.3g} GiB" if n >= GiB else f"{n / (1 << 20):.3g} MiB"
 
 
-@ray.remote(num_cpus=0)
 class Holder:
-    """Owns the snapshot shares put on its node, up to `limit_gb`."""
+    """Keeps the snapshot shares sent to its node, up to `limit_gb` (HolderActor is this class as an actor)."""
 
     def __init__(self, limit_gb: float, node: str):
-        self.limit_gb, self.limit, self.node, self.shares, self.sizes = limit_gb, limit_gb * GiB, node, {}, {}
+        self.limit_gb, self.limit, self.node, self.shares = limit_gb, limit_gb * GiB, node, {}
 
     def keep(self, key: tuple[int, int], data: Any) -> Optional[str]:
-        """`data` arrives resolved (from the sender's object); `ray.put` makes this actor its owner. Returns why
-        it was not kept (over the limit), else None."""
-        held = sum(v for k, v in self.sizes.items() if k != key)
+        """`data` arrives resolved, a read-only view of the sender's object in this node's store; keeping the view
+        keeps those bytes. Returns why it was not kept (over the limit), else None."""
+        held = sum(v.nbytes for k, v in self.shares.items() if k != key)
         if held + data.nbytes > self.limit:
             return (f"checkpoint.memory_limit_gb={self.limit_gb:g}: a snapshot share of {_size(data.nbytes)} does "
                     f"not fit beside the {_size(held)} held on node {self.node[:8]}; raise it, or snapshot less "
                     "often (checkpoint.memory_every)")
-        self.shares[key], self.sizes[key] = ray.put(data), data.nbytes
+        self.shares[key] = data
         return None
 
-    def share(self, key: tuple[int, int]) -> list:
-        return [self.shares[key]]  # in a list, so that Ray hands over the reference, not the bytes
+    def share(self, key: tuple[int, int]) -> Any:
+        return self.shares[key]
 
     def drop(self, below: int, above: Optional[int] = None) -> None:
         """Every share of a step below `below` (or above `above`)."""
         for key in [k for k in self.shares if k[0] < below or (above is not None and k[0] > above)]:
-            del self.shares[key], self.sizes[key]
+            del self.shares[key]
 
     def held_bytes(self) -> int:
-        return sum(self.sizes.values())
+        return sum(v.nbytes for v in self.shares.values())
+
+
+HolderActor = ray.remote(num_cpus=0)(Holder)
 
 
 @ray.remote(num_cpus=0)
-class Snapshots:
-    """The run's snapshot index and its holders, one per node that runs a rank."""
+class Snapshots(Holder):
+    """The run's snapshot index, the holder of its own node, and the holders of the other nodes that run a rank."""
 
     def __init__(self, limit_gb: float):
-        self.limit_gb = limit_gb
-        self.holders: dict[str, Any] = {}
+        context = ray.get_runtime_context()
+        super().__init__(limit_gb, context.get_node_id())
+        self.holders: dict[str, Any] = {self.node: context.current_actor}
         self.steps: dict[int, dict] = {}  # step -> {"world", "body", "ranks": {rank: (entries, file, nodes)}}
 
     def _holder(self, node: str) -> Any:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if node not in self.holders:
-            self.holders[node] = Holder.options(
+            self.holders[node] = HolderActor.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(self.limit_gb, node)
         return self.holders[node]
+
+    def _drop(self, node: str, below: int, above: Optional[int] = None) -> Optional[Any]:
+        """Drop on the holder of `node`: this actor's own shares at once (it cannot wait on a call to itself),
+        another holder's through a call whose ref is returned."""
+        if node == self.node:
+            return self.drop(below, above)
+        return self.holders[node].drop.remote(below, above)
 
     def holders_for(self, node: str) -> list[tuple[str, Any]]:
         """The holder on `node` and one on another live node (the next in a ring of the cluster's nodes, so the
@@ -96,23 +109,26 @@ class Snapshots:
         if len(entry["ranks"]) == world and entry["body"] is not None:
             for old in [s for s in self.steps if s < step]:
                 del self.steps[old]
-            for holder in self.holders.values():
-                holder.drop.remote(step)
+            for node in self.holders:
+                self._drop(node, step)
 
     def begin(self, step: int) -> None:
         """A worker group resumed at `step`: whatever is newer, or incomplete, came from the group that failed;
         holders that died (with their node, or killed) are replaced when next asked for."""
         for s in [s for s, e in self.steps.items() if s > step or len(e["ranks"]) < e["world"]]:
             del self.steps[s]
-        for node, holder in list(self.holders.items()):
+        for node in list(self.holders):
             try:
-                ray.get(holder.drop.remote(min(self.steps, default=step), above=step), timeout=30)
+                dropped = self._drop(node, min(self.steps, default=step), above=step)
+                if dropped is not None:
+                    ray.get(dropped, timeout=30)
             except (RayError, ray.exceptions.GetTimeoutError):
                 self.forget(node)
 
     def forget(self, node: str) -> None:
         """The holder on `node` is gone: a new one takes its place when next asked for."""
-        self.holders.pop(node, None)
+        if node != self.node:
+            self.holders.pop(node, None)
 
     def newest(self, at: Optional[int] = None) -> tuple[Optional[dict], list[str]]:
         """(the newest complete snapshot (of step `at`, if given) whose every share has a live holder, as {"step",
@@ -144,6 +160,11 @@ class Snapshots:
         return None, passed
 
 
+def registry_gone(error: Exception) -> str:
+    """Why snapshots stopped when the registry's process died (it is also its node's holder)."""
+    return f"the in-memory snapshot registry is gone, and the shares its node held with it ({type(error).__name__})"
+
+
 def start_snapshots(memory_every: int, limit_gb: float) -> Optional[Any]:
     """The run's registry, beside this driver, which owns it (and so outlives every worker group); None when
     snapshots are off."""
@@ -164,7 +185,7 @@ def memory_reader(snapshot: dict) -> Reader:
         f, errors = snapshot["files"][name], []
         for _, holder in sorted(f["holders"], key=lambda nh: nh[0] != here):
             try:
-                return pa.BufferReader(pa.py_buffer(ray.get(ray.get(holder.share.remote(tuple(f["key"])))[0])))
+                return pa.BufferReader(pa.py_buffer(ray.get(holder.share.remote(tuple(f["key"])))))
             except (RayError, KeyError) as e:
                 errors.append(type(e).__name__)
         raise CheckpointError(f"the in-memory snapshot of step {snapshot['step']}: no holder gives {name} "
@@ -190,16 +211,20 @@ class Sender:
         from raypt.checkpoint.write import file_name, own_share
 
         entries, stored = own_share(engine, hooks, self.rank, self.world)
-        data, crcs = to_buffer(stored)
+        data, crc = to_buffer(stored)
         name = file_name(self.rank, self.world)
         for key, tensor in stored:
-            entries[key].update(file=name, dtype=CODES[tensor.dtype], crc32=crcs[key])
-        self.pending = self.pool.submit(self._send, step, data, name, entries, body, after)
+            entries[key].update(file=name, dtype=CODES[tensor.dtype])
+        share = {"file": name, "size": int(data.nbytes), "crc32": crc, "tensors": entries}
+        self.pending = self.pool.submit(self._send, step, data, share, body, after)
 
-    def _send(self, step: int, data: Any, name: str, entries: dict, body: Optional[dict],
+    def _send(self, step: int, data: Any, share: dict, body: Optional[dict],
               after: Any) -> Optional[tuple[str, bool]]:
-        if self.holders is None:
-            self.holders = ray.get(self.registry.holders_for.remote(self.node))
+        try:
+            if self.holders is None:
+                self.holders = ray.get(self.registry.holders_for.remote(self.node))
+        except RayError as e:
+            return registry_gone(e), True
         ref = ray.put(data)
         kept = [holder.keep.remote((step, self.rank), ref) for _, holder in self.holders]  # both at once
         for (node, _), answer in zip(self.holders, kept):
@@ -214,8 +239,11 @@ class Sender:
                 return refused, True
         if after is not None:
             ray.get(after)
-        share = {"file": name, "size": int(data.nbytes), "crc32": zlib.crc32(data), "tensors": entries}
-        ray.get(self.registry.record.remote(step, self.world, self.rank, share, [n for n, _ in self.holders], body))
+        try:
+            ray.get(self.registry.record.remote(step, self.world, self.rank, share, [n for n, _ in self.holders],
+                                                body))
+        except RayError as e:
+            return registry_gone(e), True
         return None
 
     def wait(self) -> Optional[tuple[str, bool]]:

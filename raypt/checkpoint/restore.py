@@ -53,10 +53,14 @@ def _from_memory(snapshots: Any, newest_durable: int, log: Callable[[str], None]
     """Collective. A Reader of the newest in-memory snapshot (raypt/checkpoint/memory.py) at or after the newest
     durable checkpoint, every rank's share of it fetched and verified; else None, the reasons logged."""
     import ray
+    from ray.exceptions import RayError
 
-    from raypt.checkpoint.memory import memory_reader
+    from raypt.checkpoint.memory import memory_reader, registry_gone
 
-    snapshot, passed = ray.get(snapshots.newest.remote()) if _place()[0] == 0 else (None, [])
+    try:
+        snapshot, passed = ray.get(snapshots.newest.remote()) if _place()[0] == 0 else (None, [])
+    except RayError as e:
+        snapshot, passed = None, [registry_gone(e)]
     step = _every_rank(snapshot["step"] if snapshot else None)[0]  # rank 0's choice, so that all try the same
     if step is not None and step < newest_durable:
         passed.append(f"the durable checkpoint of step {newest_durable} is newer than the in-memory snapshot of "
@@ -74,6 +78,8 @@ def _from_memory(snapshots: Any, newest_durable: int, log: Callable[[str], None]
                 reader.verify(*_place())
             except CheckpointError as e:
                 error = str(e)
+            except RayError as e:
+                error = registry_gone(e)
             errors = list(dict.fromkeys(e for e in _every_rank(error) if e))
             if not errors:
                 log(f"resuming from the in-memory snapshot of step {step}" + (f" (newest durable checkpoint: "

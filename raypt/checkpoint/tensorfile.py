@@ -58,19 +58,19 @@ def write(path: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, 
     return len(head) + size, crc, crcs
 
 
-def to_buffer(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[np.ndarray, dict[str, int]]:
-    """The same file's bytes in one host buffer, each tensor copied once (an in-memory snapshot), and the CRC-32
-    of each tensor's bytes; the file's own CRC-32 is left to whoever sends the buffer on."""
+def to_buffer(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[np.ndarray, int]:
+    """The same file's bytes in one host buffer, each tensor copied once (an in-memory snapshot), and the file's
+    CRC-32, taken in the same pass while each tensor's bytes are in cache."""
     tensors = list(tensors)
     head, size = _head(tensors)
     out = np.empty(len(head) + size, dtype=np.uint8)
     out[:len(head)] = np.frombuffer(head, dtype=np.uint8)
-    at, crcs = len(head), {}
-    for name, t in tensors:
+    at, crc = len(head), zlib.crc32(head)
+    for _, t in tensors:
         data = raw(t)
         out[at:at + len(data)] = data
-        crcs[name], at = zlib.crc32(data), at + len(data)
-    return out, crcs
+        crc, at = zlib.crc32(data, crc), at + len(data)
+    return out, crc
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,16 @@ class MemorySnapshot(Hook):
         self.job = (loop.cfg.model_dump(mode="json"), loop.cfg.trajectory())  # fixed for the run: dumped once
         if loop.rank == 0:  # before any rank can send: the failed group's newer or partial snapshots go
             import ray
+            from ray.exceptions import RayError
 
-            ray.get(self.registry.begin.remote(loop.state.step))
+            from raypt.checkpoint.memory import registry_gone
+
+            try:
+                ray.get(self.registry.begin.remote(loop.state.step))
+            except RayError as e:
+                self.off = True
+                loop.note(f"{registry_gone(e)}: in-memory snapshots are off for this attempt, durable checkpoints "
+                          "go on")
 
     def after_step(self, loop: Any, step: int, record: dict) -> None:
         if self.held_s is not None:  # the previous snapshot's: this record is the first to leave after it
