@@ -71,6 +71,7 @@ def bare_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, ro
     import torch.distributed as dist
 
     from raypt.data.manifest import read_manifest
+    from raypt.data.split import Split
     from raypt.tasks import clm
 
     cfg = config.from_dict(cfg_dict)
@@ -85,7 +86,7 @@ def bare_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, ro
     # The same recipe (decay / no-decay groups) as raypt, so the ratio measures the framework, not the recipe.
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, fused=accelerator() == "cuda")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, world))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, Split(cfg.train.global_batch, world, cfg.train.micro_batch)))
     dist.barrier()
     g, m = cfg.train.global_batch, cfg.train.micro_batch
     per_rank, accum = g // world, g // (m * world)

@@ -15,7 +15,6 @@ import numpy as np
 from raypt.config import JobConfig
 from raypt.data.manifest import read_manifest
 from raypt.data.mix import MixPlan
-from raypt.data.split import Split
 from raypt.data.stream import RankStream
 from raypt.metrics import Reducer, source_losses
 
@@ -43,12 +42,12 @@ class Evaluator:
     def batches(self) -> list[list[dict]]:
         """This rank's micro-batches of every source's validation batches, source by source (read once, kept)."""
         c, e = self.cfg, self.engine
-        split, out = Split(c.train.global_batch, e.dp_size, c.train.micro_batch), []
+        out = []
         for source in np.eye(len(self.manifests)):
             # A mix of every source with all the weight on one: its batches carry each modality as training
             # batches do (empty where the source has none), and rows keep their source in `position`.
             plan = MixPlan([(0, source)], c.train.global_batch, np.zeros(len(source)))  # one stage: no tokens
-            stream = RankStream(self.manifests, plan, "val", c.run.seed, False, split, e.dp_rank,
+            stream = RankStream(self.manifests, plan, "val", c.run.seed, False, e.split, e.dp_rank,
                                 c.data.prefetch_batches, c.data.image, c.data.audio, self.feed)
             out.append(list(stream.batches(0, c.train.eval_batches)))
         return out

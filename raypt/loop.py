@@ -14,9 +14,8 @@ from raypt.config import JobConfig, from_dict
 from raypt.console import quiet_known_noise
 from raypt.data.manifest import bad_records, modality, read_manifest
 from raypt.data.mix import MixPlan
-from raypt.data.split import Split
 from raypt.data.stream import RankStream, Timed
-from raypt.engines import Topology, select
+from raypt.engines import select
 from raypt.engines.device import accelerator, keep_host_memory
 from raypt.evaluation import Evaluator
 from raypt.hooks import preemption, standard_hooks
@@ -43,8 +42,8 @@ class Worker:
         self.uploader = checkpoint.Uploader(self.run_uri, cfg.checkpoint.keep, prunes=self.rank == 0)
         self.hooks = standard_hooks(cfg, sink, self.run_uri, self.rank, (*self.task.hooks(), *extra_hooks), snapshots)
         self.checkpoint_requested = self.saved_this_step = False
-        self.topology = Topology.data_parallel(self.world, self.rank)
-        model = self.task.build_model(cfg.run.seed, select(cfg).partition(cfg, self.topology))  # ZeRO-3: in slices
+        self.topology = select(cfg).place(cfg, self.world, self.rank)
+        model = select(cfg).construct(self.task, cfg, self.topology)  # ZeRO-3: in slices; a pipeline: its stage
         tokens = [self.task.tokens_per_sample(modality(m)) for m in self.manifests]
         self.flops = np.array([self.task.flops_per_sample(model, modality(m)) for m in self.manifests])
         self.plan = MixPlan(cfg.data.stage_weights(), cfg.train.global_batch, tokens)
@@ -75,9 +74,9 @@ class Worker:
 
     def stream(self, first_batch: int, num_batches: int):
         c, e = self.cfg, self.engine
-        return RankStream(self.manifests, self.plan, "train", c.run.seed, True, Split(c.train.global_batch,
-                          e.dp_size, c.train.micro_batch), e.dp_rank, c.data.prefetch_batches, c.data.image,
-                          c.data.audio, self.feed).batches(first_batch, num_batches)
+        stream = RankStream(self.manifests, self.plan, "train", c.run.seed, True, e.split, e.dp_rank,
+                            c.data.prefetch_batches, c.data.image, c.data.audio, self.feed)
+        return stream.batches(first_batch, num_batches)
 
     def evaluate(self, val: list[list[dict]]) -> dict:  # the mix by the weights in force at the tokens seen
         return self.evaluator(val, self.plan.stage(self.state.step))

@@ -17,13 +17,15 @@ VOCAB, SEQ, GLOBAL = 64, 16, 12  # 12 rows split over 1, 2, 3 or 4 ranks, one ro
 TEXT = {"vocab_size": VOCAB, "seq_len": SEQ, "eos_id": 0}
 
 
-def job(stage: int, offload: str = "none", steps: int = 4):
+def job(stage: int, offload: str = "none", steps: int = 4, stages: int = 1, workers: int = 1, **model):
+    """`stages` > 1: a pipeline of that many stages (4 micro-batches a step) over `workers` ranks."""
     from raypt.config import JobConfig
 
     return JobConfig.model_validate({
-        "model": {"task": "clm", "hidden_size": 32, "num_layers": 2, "num_heads": 2},
+        "model": {"task": "clm", "hidden_size": 32, "num_layers": 2, "num_heads": 2, **model},
         "train": {"steps": steps, "global_batch": GLOBAL, "micro_batch": 1, "lr": 3e-3},
-        "deepspeed": {"zero_stage": stage, "offload": offload}, "scaling": {"workers": 1}})
+        "deepspeed": {"zero_stage": stage, "offload": offload}, "scaling": {"workers": workers},
+        "pipeline": {"stages": stages, "micro_batches": 4}})
 
 
 def global_batch(step: int) -> torch.Tensor:
@@ -32,12 +34,9 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (GLOBAL, SEQ), generator=torch.Generator().manual_seed(1000 + step % 2))
 
 
-def rank_batches(step: int, dp_size: int, dp_rank: int):
-    """This rank's micro-batches of a step, in order, cut as raypt's data stream cuts them (one row each at
-    most; unequal shares where the ranks do not divide the batch)."""
-    from raypt.data.split import Split
-
-    split = Split(GLOBAL, dp_size, 1)
+def rank_batches(step: int, split, dp_rank: int):
+    """This rank's micro-batches of a step, in order, cut by the engine's split as raypt's data stream cuts them
+    (unequal shares where the ranks do not divide the batch)."""
     start, count = split.share(dp_rank)
     rows = global_batch(step)[start:start + count]
     return iter({"input_ids": rows[cut], "weight": weight} for cut, weight in split.micro_slices(dp_rank))
@@ -53,14 +52,18 @@ def frozen_values(saved: bool) -> torch.Tensor:
 
 
 def build(cfg, world: int, rank: int, restore=None, frozen: bool = False):
-    from raypt.engines import Topology, select
+    """The task and the engine the job selects, as the worker loop builds them (without ZeRO-3's partitioned
+    construction: built in full, then partitioned)."""
+    from raypt.engines import select
     from raypt.tasks import get_task
 
     task = get_task("clm")(cfg, {"text": TEXT})
-    model = task.build_model(cfg.run.seed)
+    engine = select(cfg)
+    topology = engine.place(cfg, world, rank)
+    model = engine.construct(task, cfg, topology) if cfg.pipeline.stages > 1 else task.build_model(cfg.run.seed)
     if frozen:
         model.get_parameter(FROZEN).requires_grad_(False).data.copy_(frozen_values(saved=restore is None))
-    return task, select(cfg).build(model, cfg, Topology.data_parallel(world, rank), restore)
+    return task, engine.build(model, cfg, topology, restore)
 
 
 def train(task, engine, steps: range) -> list[float]:
@@ -69,7 +72,7 @@ def train(task, engine, steps: range) -> list[float]:
 
     reduce, losses = Reducer(CORE), []
     for step in steps:
-        loss, _ = engine.train_step(rank_batches(step, engine.dp_size, engine.dp_rank), task.loss)
+        loss, _ = engine.train_step(rank_batches(step, engine.split, engine.dp_rank), task.loss)
         losses.append(reduce({"loss": loss})["loss"])
     return losses
 
@@ -94,8 +97,8 @@ def _entry(rank: int, world: int, port: int, scenario: Callable, out_dir: str, k
 # Ranks fork from one server that imported these once (about 3 s per process on 2 cores otherwise). It has run
 # no torch op and started no Python thread; its only threads are native idle helpers (torch's, pyarrow's
 # jemalloc background thread), which a fork leaves behind as it does for torch's DataLoader workers.
-PRELOAD = ["torch", "deepspeed", "transformers.models.llama.modeling_llama", "raypt.engines.zero", "raypt.tasks",
-           "raypt.checkpoint"]
+PRELOAD = ["torch", "deepspeed", "deepspeed.pipe", "transformers.models.llama.modeling_llama", "raypt.engines",
+           "raypt.tasks", "raypt.checkpoint"]
 
 
 def run_group(world: int, scenario: Callable, out_dir: str, **kwargs) -> list:

@@ -205,7 +205,7 @@ def veto_nonfinite(rank: int, world: int, out_dir: str) -> dict:
         def step(n: int, poison: bool = False) -> tuple[float, bool]:
             policy.before_step(None, n)
             hook = engine.module.register_forward_hook(lambda m, a, o: nan_output(o)) if poison else None
-            loss, _ = engine.train_step(rank_batches(n, engine.dp_size, engine.dp_rank), task.loss)
+            loss, _ = engine.train_step(rank_batches(n, engine.split, engine.dp_rank), task.loss)
             if hook is not None:
                 hook.remove()
             return float(loss), policy.skipped

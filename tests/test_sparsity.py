@@ -33,7 +33,7 @@ def train_pruned(task, loop, hook, steps: range) -> list[float]:
     reduce, losses = Reducer(CORE), []
     for step in steps:
         hook.before_step(loop, step)
-        loss, _ = loop.engine.train_step(rank_batches(step, loop.engine.dp_size, loop.engine.dp_rank), task.loss)
+        loss, _ = loop.engine.train_step(rank_batches(step, loop.engine.split, loop.engine.dp_rank), task.loss)
         record = {"loss": reduce({"loss": loss})["loss"]}
         hook.after_step(loop, step, record)
         losses.append(record)

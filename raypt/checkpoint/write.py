@@ -23,12 +23,13 @@ HookStates = dict  # hook name -> (dict of full tensors, JSON-able dict)
 Piece = tuple[str, tuple[int, ...], int, torch.Tensor]  # key, full shape, flat start, flat tensor
 
 
-def own_pieces(engine: Any, rank: int, world: int) -> Iterator[Piece]:
+def own_pieces(engine: Any) -> Iterator[Piece]:
     """This rank's share of every parameter's state: its slices where the engine splits the masters, else
-    parameter i whole on rank i % world. Frozen parameters have no moments. Before Adam's first step the
-    moments are its zeros (one element broadcast, made whole only as it is written)."""
+    parameter i whole on data-parallel rank i % dp_size (of the stage that holds it). Frozen parameters have no
+    moments. Before Adam's first step the moments are its zeros (one element broadcast, made whole only as it is
+    written)."""
     for i, shard in enumerate(engine.shards()):
-        if not shard.master.numel() or (shard.replicated and i % world != rank):
+        if not shard.master.numel() or shard.copy or (shard.replicated and i % engine.dp_size != engine.dp_rank):
             continue
         if not shard.trainable:  # frozen: its weights alone, in fp32 as every parameter is stored
             yield f"{PARAM}/{shard.name}", shard.shape, shard.start, shard.master.float()
@@ -42,7 +43,7 @@ def own_pieces(engine: Any, rank: int, world: int) -> Iterator[Piece]:
 def own_share(engine: Any, hooks: HookStates, rank: int, world: int) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
     """This rank's index entries (file, dtype and CRC-32 still to fill in) and its tensors, in the order written."""
     entries, stored = {}, []
-    for key, shape, start, tensor in own_pieces(engine, rank, world):
+    for key, shape, start, tensor in own_pieces(engine):
         whole = start == 0 and tensor.numel() == torch.Size(shape).numel()
         name = key if whole else f"{key}[{start}:{start + tensor.numel()}]"
         entries[name] = {"shape": list(shape), "slice": None if whole else [start, start + tensor.numel()],

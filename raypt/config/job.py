@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from raypt.config.data import DataConfig
+from raypt.config.pipeline import PipelineConfig
 from raypt.metrics.trackers import TRACKERS
 from raypt.schedules import ScheduleUnion
 from raypt.schema import Location, Section
@@ -226,6 +227,7 @@ class JobConfig(Section):
     s3: S3Config = Field(default_factory=S3Config)
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig, description="gradual magnitude pruning; "
                                      "final = 0 (the default) trains dense")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="after")
     def _batch_covers_ranks(self) -> "JobConfig":
@@ -243,6 +245,7 @@ class JobConfig(Section):
     @model_validator(mode="after")
     def _task_fits(self) -> "JobConfig":
         self.model.check_job(self)
+        self.pipeline.check_job(self)
         return self
 
     @model_validator(mode="after")

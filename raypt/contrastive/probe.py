@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 from raypt.data.mix import MixPlan
 from raypt.data.order import GlobalOrder
-from raypt.data.split import Split
 from raypt.data.stream import RankStream
 from raypt.hooks.base import Hook
 from raypt.metrics import Metric
@@ -68,8 +67,8 @@ class Probe(Hook):
         c, e = loop.cfg, loop.engine
         rows = GlobalOrder(manifest, split, c.run.seed, shuffle=False).rows
         stream = RankStream([manifest], MixPlan([(0, np.ones(1))], c.train.global_batch, np.zeros(1)), split,
-                            c.run.seed, False, Split(c.train.global_batch, e.dp_size, c.train.micro_batch),
-                            e.dp_rank, c.data.prefetch_batches, c.data.image, c.data.audio, loop.feed)
+                            c.run.seed, False, e.split, e.dp_rank, c.data.prefetch_batches, c.data.image,
+                            c.data.audio, loop.feed)
         batches = stream.batches(0, -(-rows // c.train.global_batch))
         return [{"sample_id": b["sample_id"], "label": b["label"], "pixel_values": b["pixel_values"][:, 0]}
                 for b in batches]

@@ -22,6 +22,7 @@ class Split:
     global_batch: int
     ranks: int
     micro: int
+    micro_batches: int = 0  # a pipeline's fixed count per step (its micro-batches then take up to `micro` rows)
 
     def __post_init__(self) -> None:
         if self.global_batch < self.ranks:
@@ -33,10 +34,16 @@ class Split:
         base, extra = divmod(self.global_batch, self.ranks)
         return rank * base + min(rank, extra), base + (rank < extra)
 
+    @classmethod
+    def fixed(cls, global_batch: int, ranks: int, micro_batches: int) -> "Split":
+        """`micro_batches` per rank and step, each of at most the rows the largest share needs (a pipeline sends
+        activations of one shape, so its engine pads each micro-batch to `micro` rows at weight 0)."""
+        return cls(global_batch, ranks, math.ceil(math.ceil(global_batch / ranks) / micro_batches), micro_batches)
+
     @property
     def accumulation(self) -> int:
         """Micro-batches every rank runs per optimizer step."""
-        return math.ceil(math.ceil(self.global_batch / self.ranks) / self.micro)
+        return self.micro_batches or math.ceil(math.ceil(self.global_batch / self.ranks) / self.micro)
 
     @property
     def nominal_batch(self) -> int:

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
     from raypt.checkpoint import Reader
     from raypt.config import JobConfig
+    from raypt.data.split import Split
     from raypt.models.init import Partition
+    from raypt.tasks.base import Task
 
 Batch = dict  # name -> tensor, as the data stream yields it; train batches carry `weight` (raypt.data.split)
 LossFn = Callable[["torch.nn.Module", Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -42,6 +44,7 @@ class Shard:
     working: "tuple[tuple[torch.Tensor, int], ...]"
     trainable: bool = True
     replicated: bool = False  # every data-parallel rank holds this same view (so one of them writes it)
+    copy: bool = False  # another pipeline stage holds and writes this same parameter (a tied embedding)
 
     @property
     def numel(self) -> int:
@@ -50,11 +53,14 @@ class Shard:
 
 @dataclass(frozen=True)
 class Topology:
-    """Where this process sits: its rank in the whole group and in its data-parallel group."""
+    """Where this process sits: its rank in the whole group, in its data-parallel group, and its pipeline stage
+    (rank = stage x dp_size + dp_rank, DeepSpeed's pipe-major order)."""
     world: int
     rank: int
     dp_size: int
     dp_rank: int
+    stage: int = 0
+    stages: int = 1
 
     @classmethod
     def data_parallel(cls, world: int, rank: int) -> "Topology":
@@ -68,6 +74,7 @@ class Engine(ABC):
     metrics: ClassVar[tuple[Metric, ...]] = ()  # anything train_step reports beyond the loss
 
     topology: Topology
+    split: "Split"  # how each global batch is cut into this rank's micro-batches
     micro_batches: int  # micro-batches this rank feeds per optimizer step
     device: "torch.device"
     module: "torch.nn.Module"  # what the task's loss is called on
@@ -94,9 +101,19 @@ class Engine(ABC):
         return True
 
     @classmethod
+    def place(cls, cfg: "JobConfig", world: int, rank: int) -> Topology:
+        """Where rank `rank` of `world` sits in this engine's layout."""
+        return Topology.data_parallel(world, rank)
+
+    @classmethod
     def partition(cls, cfg: "JobConfig", topology: Topology) -> Optional["Partition"]:
         """How to build a model this engine partitions as it is constructed; None: built in full on every rank."""
         return None
+
+    @classmethod
+    def construct(cls, task: "Task", cfg: "JobConfig", topology: Topology) -> "torch.nn.Module":
+        """The model this rank holds, initialised by name: the task's, built as `partition` says."""
+        return task.build_model(cfg.run.seed, cls.partition(cfg, topology))
 
     @classmethod
     @abstractmethod

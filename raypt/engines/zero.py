@@ -5,7 +5,7 @@ import fcntl
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
@@ -22,17 +22,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def ds_config(cfg: JobConfig, dp_size: int) -> dict:
+def ds_config(cfg: JobConfig, split: Split) -> dict:
+    """`split`: the engine's (its weights keep the global batch exact at any data-parallel size)."""
     prec = precision(cfg.deepspeed.precision)
     zero: dict = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": accelerator() == "cuda"}
         if cfg.deepspeed.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": accelerator() == "cuda"}
-    split = Split(cfg.train.global_batch, dp_size, cfg.train.micro_batch)  # its weights keep G exact
     conf = {
         "train_batch_size": split.nominal_batch,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "train_micro_batch_size_per_gpu": split.micro,
         "gradient_accumulation_steps": split.accumulation,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
@@ -116,9 +116,13 @@ class ZeroEngine(Engine):
     name = "zero"
     _finite: Optional[torch.Tensor] = None  # whether every micro-batch loss of this step so far was finite
 
-    def __init__(self, ds, topology: Topology, micro_batches: int):
-        self.ds, self.topology, self.micro_batches = ds, topology, micro_batches
+    def __init__(self, ds, topology: Topology, split: Split):
+        self.ds, self.topology, self.split, self.micro_batches = ds, topology, split, split.accumulation
         self.device, self.module = ds.device, ds  # the loss runs through the engine, so ZeRO-3 hooks see it
+
+    @classmethod
+    def split_for(cls, cfg: JobConfig, topology: Topology) -> Split:
+        return Split(cfg.train.global_batch, topology.dp_size, cfg.train.micro_batch)
 
     @classmethod
     def partition(cls, cfg: JobConfig, topology: Topology) -> Optional["Partition"]:
@@ -131,7 +135,7 @@ class ZeroEngine(Engine):
 
         from raypt.models.init import Partition  # torch's dispatch machinery: imported only to build
 
-        full = ds_config(cfg, topology.dp_size)  # its batch sizes would be checked against a world not yet known
+        full = ds_config(cfg, cls.split_for(cfg, topology))  # its batch sizes are checked only at initialize
         conf = {k: full[k] for k in ("zero_optimization", "bf16", "fp16", "train_micro_batch_size_per_gpu")}
         return Partition(lambda: deepspeed.zero.Init(config_dict_or_path=conf),
                          lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
@@ -142,7 +146,8 @@ class ZeroEngine(Engine):
         share_fp32_masters()
         import deepspeed
 
-        conf = ds_config(cfg, topology.dp_size)
+        split = cls.split_for(cfg, topology)
+        conf = ds_config(cfg, split)
         groups = param_groups(model, cfg.train.weight_decay)
         optimizer = None
         if "optimizer" not in conf:
@@ -151,7 +156,7 @@ class ZeroEngine(Engine):
                                           fused=accelerator() == "cuda")
         ds, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=conf,
                                       dist_init_required=False)
-        engine = cls(ds, topology, conf["gradient_accumulation_steps"])
+        engine = cls(ds, topology, split)
         if restore is not None:
             engine._load(restore)
         return engine
@@ -180,13 +185,19 @@ class ZeroEngine(Engine):
             self.ds.step()
             return
         finite, self._finite = self._finite, None
+        self._update(finite, self.ds.step)
+
+    def _update(self, finite: torch.Tensor, step: Callable[[], None]) -> None:
+        """DeepSpeed's update `step`, unless `update_gate` vetoes it: then it runs (gradients reduced and
+        zeroed, as on every other rank) with the optimizer under it leaving the weights and Adam's state as they
+        were."""
         if self.update_gate is None or self.update_gate(finite):
-            self.ds.step()
+            step()
             return
         base = self._base()
         base.step = lambda *args, **kwargs: None  # shadows the class's step for this one update
         try:
-            self.ds.step()
+            step()
         finally:
             del base.step
 
@@ -202,6 +213,14 @@ class ZeroEngine(Engine):
             group["lr"] = lr
 
     # --- state as full tensors by parameter name ------------------------------------------------------------
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """This rank's parameters by the names a checkpoint gives them (the task's model's own)."""
+        return self.ds.module.named_parameters()
+
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes of every parameter of the whole model, by name, that a checkpoint must hold."""
+        return model_shapes(self.ds.module)
+
     def _base(self) -> torch.optim.Optimizer:
         opt = self.ds.optimizer
         return getattr(opt, "optimizer", opt)
@@ -227,7 +246,7 @@ class ZeroEngine(Engine):
 
         base, world, rank = self._base(), self.topology.world, self.topology.rank
         self._link()
-        for i, (name, param) in enumerate(self.ds.module.named_parameters()):
+        for i, (name, param) in enumerate(self.named_parameters()):
             for kind in (PARAM, *MOMENTS) if param.requires_grad else (PARAM,):  # frozen: no Adam state
                 value = safe_get_full_fp32_param(param) if kind == PARAM else \
                     safe_get_full_optimizer_state(param, kind)
@@ -246,7 +265,7 @@ class ZeroEngine(Engine):
         its linked moments, with the whole replicated working copy; fp32 ZeRO-0: the module's own tensors."""
         opt, base = self.ds.optimizer, self._base()
         self._link()
-        for name, param in self.ds.module.named_parameters():
+        for name, param in self.named_parameters():
             if not param.requires_grad:  # no master, no moments: its working copy (this rank's slice in ZeRO-3)
                 split = hasattr(param, "ds_tensor")
                 flat = param.ds_tensor.data.view(-1) if split else param.data.view(-1)
@@ -310,7 +329,7 @@ class ZeroEngine(Engine):
         share. Then the working copy (bf16 on GPUs) from the masters. Loaded into the model before
         `deepspeed.initialize`, they would pass through the working precision and the masters of a bf16 run would
         come back rounded."""
-        check_shapes(model_shapes(self.ds.module), restore.param_shapes(), restore.origin)
+        check_shapes(self.model_shapes(), restore.param_shapes(), restore.origin)
         kinds = (PARAM, *MOMENTS) if restore.holds_optimizer else (PARAM,)
         if restore.holds_optimizer:
             self._adam_state(restore.optimizer_steps)

@@ -34,8 +34,10 @@ def module_seed(seed: int, path: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{path}".encode()).digest()[:8], "little") >> 1
 
 
-def _rules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Callable[[nn.Module], None]]]:
-    """(path, module, how to initialise it), children first; modules no rule covers are left out."""
+def _rules(model: nn.Module, prefix: str = "", owner: Optional[nn.Module] = None
+           ) -> Iterator[tuple[str, nn.Module, Callable[[nn.Module], None]]]:
+    """(path, module, how to initialise it), children first; modules no rule covers are left out. A part of a
+    model (a pipeline layer) gives its `prefix` in the whole and the whole's `owner` of `_init_weights`."""
     def walk(path: str, module: nn.Module, owner: Optional[nn.Module]):
         own = module if callable(getattr(module, "_init_weights", None)) else owner
         for name, child in module.named_children():
@@ -45,7 +47,7 @@ def _rules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Callable[[nn.Modu
         elif callable(getattr(module, "reset_parameters", None)):
             yield path, module, lambda m: m.reset_parameters()
 
-    yield from walk("", model, None)
+    yield from walk(prefix, model, owner)
 
 
 class _Writes(TorchDispatchMode):
@@ -101,14 +103,14 @@ def _guard() -> AbstractContextManager:
 
 @torch.no_grad()
 def init_by_name(model: nn.Module, seed: int, twin: Optional[nn.Module] = None,
-                 gather: Optional[Gather] = None) -> None:
+                 gather: Optional[Gather] = None, prefix: str = "", owner: Optional[nn.Module] = None) -> None:
     """Initialise `model` in place. Partitioned (ZeRO-3), give `gather` and a meta-device `twin` of the same
     model: each module's rule then runs on the full tensors of just the parameters it writes, so no rank ever
-    holds more than one module's parameters in full."""
+    holds more than one module's parameters in full. A part of a model: its `prefix` and `owner` (`_rules`)."""
     params = dict(model.named_parameters())
     writes = touched(twin) if gather is not None else {}
     with _guard():
-        for path, module, rule in _rules(model):
+        for path, module, rule in _rules(model, prefix, owner):
             context = nullcontext()
             if gather is not None:
                 if not writes.get(path):

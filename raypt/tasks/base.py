@@ -85,6 +85,7 @@ class Task(ABC):
     modalities: ClassVar[tuple[str, ...]]  # the data it takes; multimodal's order is the order its modules run in
     Config: ClassVar[type[TaskConfig]]  # its `model:` section, whose `task` is `name`
     metrics: ClassVar[tuple[Metric, ...]] = ()  # what `loss` reports beside the loss, with its cross-rank reduction
+    pipelines: ClassVar[bool] = False  # whether it has a pipeline form (`pipeline_layers`, `row_losses`)
 
     def __init__(self, cfg: Job, manifests: dict[str, dict]):
         self.cfg, self.manifests = cfg, manifests
@@ -118,6 +119,15 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The scalar fp32 loss of a micro-batch, and the values of `metrics` (empty when it declares none).
         `model` may be a DeepSpeed engine: call it, so ZeRO-3's hooks see every forward."""
+
+    def pipeline_layers(self) -> list:
+        """The model as DeepSpeed pipeline layer specs, in order (raypt/engines/pipeline.py), each module knowing
+        its `prefix` in the model `construct` builds, so that parameters keep their names and initial values."""
+        raise NotImplementedError(f"the {self.name} task has no pipeline form")
+
+    def row_losses(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The pipeline's last-stage outputs of a micro-batch -> each row's loss (their mean is `loss`)."""
+        raise NotImplementedError(f"the {self.name} task has no pipeline form")
 
     def hooks(self) -> tuple:
         """Loop hooks this task adds to every run (raypt/hooks/base.py), e.g. an evaluation of its own."""

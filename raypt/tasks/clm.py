@@ -27,6 +27,7 @@ class ClmTask(Task):
     name = "clm"
     modalities = ("text",)
     Config = ClmConfig
+    pipelines = True
 
     def hf_config(self) -> LlamaConfig:
         """Sizes come from the job, vocabulary and context from the prepared dataset."""
@@ -50,6 +51,16 @@ class ClmTask(Task):
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ids = batch["input_ids"]
         return model(input_ids=ids, labels=ids).loss.float(), {}
+
+    def pipeline_layers(self) -> list:
+        from raypt.models.llama_pipe import layer_specs
+
+        return layer_specs(self.hf_config())
+
+    def row_losses(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        from raypt.models.llama_pipe import row_losses
+
+        return row_losses(outputs, batch["input_ids"])
 
     def tokens_per_sample(self, modality: str) -> int:
         return self.manifests["text"]["seq_len"]
