@@ -127,10 +127,11 @@ def build(cfg: JobConfig, sink: Optional[Any] = None, callbacks: Optional[list] 
     owns it: every worker group of the run reads through it (raypt/data/feed.py); so does the registry of in-memory
     snapshots (raypt/checkpoint/memory.py), so that they outlive the worker groups too."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from raypt.checkpoint.memory import start_snapshots
     from raypt.data.feed import start_feed
+    from raypt.elastic import Trainer
     from raypt.hooks.faults import reader_drill
     from raypt.loop import train_loop
 
@@ -139,8 +140,8 @@ def build(cfg: JobConfig, sink: Optional[Any] = None, callbacks: Optional[list] 
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     elastic = {} if isinstance(w, int) else {"elastic_resize_monitor_interval_s": cfg.scaling.resize_interval_s}
     fs, base = storage.resolve(cfg.run.storage)
-    return TorchTrainer(
-        train_loop,
+    return Trainer(
+        train_loop, stages=cfg.pipeline.stages,
         train_loop_config={"job": to_dict(cfg), "sink": sink, "hooks": list(hooks),
                            "feed": start_feed(cfg.data.reader_cpus, reader_drill(cfg.faults, run_dir(cfg))),
                            "snapshots": start_snapshots(cfg.checkpoint.memory_every, cfg.checkpoint.memory_limit_gb)},

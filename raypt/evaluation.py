@@ -15,7 +15,7 @@ import numpy as np
 from raypt.config import JobConfig
 from raypt.data.manifest import read_manifest
 from raypt.data.mix import MixPlan
-from raypt.data.stream import RankStream
+from raypt.data.stream import rank_stream
 from raypt.metrics import Reducer, source_losses
 
 
@@ -47,8 +47,7 @@ class Evaluator:
             # A mix of every source with all the weight on one: its batches carry each modality as training
             # batches do (empty where the source has none), and rows keep their source in `position`.
             plan = MixPlan([(0, source)], c.train.global_batch, np.zeros(len(source)))  # one stage: no tokens
-            stream = RankStream(self.manifests, plan, "val", c.run.seed, False, e.split, e.dp_rank,
-                                c.data.prefetch_batches, c.data.image, c.data.audio, self.feed)
+            stream = rank_stream(e, self.manifests, plan, "val", c.run.seed, False, c.data, self.feed)
             out.append(list(stream.batches(0, c.train.eval_batches)))
         return out
 

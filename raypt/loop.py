@@ -14,7 +14,7 @@ from raypt.config import JobConfig, from_dict
 from raypt.console import quiet_known_noise
 from raypt.data.manifest import bad_records, modality, read_manifest
 from raypt.data.mix import MixPlan
-from raypt.data.stream import RankStream, Timed
+from raypt.data.stream import Timed, rank_stream
 from raypt.engines import select
 from raypt.engines.device import accelerator, keep_host_memory
 from raypt.evaluation import Evaluator
@@ -73,9 +73,8 @@ class Worker:
         self.checkpoint_requested = True
 
     def stream(self, first_batch: int, num_batches: int):
-        c, e = self.cfg, self.engine
-        stream = RankStream(self.manifests, self.plan, "train", c.run.seed, True, e.split, e.dp_rank,
-                            c.data.prefetch_batches, c.data.image, c.data.audio, self.feed)
+        stream = rank_stream(self.engine, self.manifests, self.plan, "train", self.cfg.run.seed, True, self.cfg.data,
+                             self.feed)
         return stream.batches(first_batch, num_batches)
 
     def evaluate(self, val: list[list[dict]]) -> dict:  # the mix by the weights in force at the tokens seen

@@ -17,15 +17,17 @@ VOCAB, SEQ, GLOBAL = 64, 16, 12  # 12 rows split over 1, 2, 3 or 4 ranks, one ro
 TEXT = {"vocab_size": VOCAB, "seq_len": SEQ, "eos_id": 0}
 
 
-def job(stage: int, offload: str = "none", steps: int = 4, stages: int = 1, workers: int = 1, **model):
-    """`stages` > 1: a pipeline of that many stages (4 micro-batches a step) over `workers` ranks."""
+def job(stage: int, offload: str = "none", steps: int = 4, stages: int = 1, workers: int = 1,
+        fast: dict | None = None, **model):
+    """`stages` > 1: a pipeline of that many stages (4 micro-batches a step) over `workers` ranks; `fast`: the
+    fast: section."""
     from raypt.config import JobConfig
 
     return JobConfig.model_validate({
         "model": {"task": "clm", "hidden_size": 32, "num_layers": 2, "num_heads": 2, **model},
         "train": {"steps": steps, "global_batch": GLOBAL, "micro_batch": 1, "lr": 3e-3},
         "deepspeed": {"zero_stage": stage, "offload": offload}, "scaling": {"workers": workers},
-        "pipeline": {"stages": stages, "micro_batches": 4}})
+        "pipeline": {"stages": stages, "micro_batches": 4}, "fast": fast or {}})
 
 
 def global_batch(step: int) -> torch.Tensor:
@@ -60,19 +62,24 @@ def build(cfg, world: int, rank: int, restore=None, frozen: bool = False):
     task = get_task("clm")(cfg, {"text": TEXT})
     engine = select(cfg)
     topology = engine.place(cfg, world, rank)
-    model = engine.construct(task, cfg, topology) if cfg.pipeline.stages > 1 else task.build_model(cfg.run.seed)
+    full = cfg.deepspeed.zero_stage == 3 and cfg.pipeline.stages == 1
+    model = task.build_model(cfg.run.seed) if full else engine.construct(task, cfg, topology)
     if frozen:
         model.get_parameter(FROZEN).requires_grad_(False).data.copy_(frozen_values(saved=restore is None))
     return task, engine.build(model, cfg, topology, restore)
 
 
 def train(task, engine, steps: range) -> list[float]:
-    """Run the steps; each loss as the run reports it (the mean over ranks)."""
+    """Run the steps; each loss as the run reports it (the mean over ranks). A rank that reads no data (a
+    pipeline's middle stage) gets blanks, as from raypt's stream."""
+    from raypt.data.stream import Blank
     from raypt.metrics import CORE, Reducer
 
     reduce, losses = Reducer(CORE), []
     for step in steps:
-        loss, _ = engine.train_step(rank_batches(step, engine.split, engine.dp_rank), task.loss)
+        batches = (rank_batches(step, engine.split, engine.dp_rank) if engine.consumes_data
+                   else Blank(engine.split, engine.dp_rank).batches(step, 1))
+        loss, _ = engine.train_step(batches, task.loss)
         losses.append(reduce({"loss": loss})["loss"])
     return losses
 

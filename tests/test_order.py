@@ -122,3 +122,23 @@ def test_stream_reads_shards_from_s3_as_from_local_disk(ray_cluster, s3_endpoint
     assert len(local) == len(remote) == 4 * 8 // 2 // 4
     for a, b in zip(local, remote):
         assert torch.equal(a["sample_id"], b["sample_id"]) and torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_a_pipelines_first_and_last_stage_share_one_window_and_middle_stages_read_nothing(ray_cluster, tiny_data):
+    """Both readers of a data-parallel rank get the one window the feed assembled; a third request (a restarted
+    reader) gets a fresh one with the same rows. A stage that reads nothing gets its micro-batches' weights only."""
+    import ray
+
+    from raypt.data.feed import Feed
+    from raypt.data.stream import Blank
+
+    feed, split = Feed(), Split(8, 1, 4)
+    stream = RankStream([read_manifest(tiny_data)], single(8), "train", 0, True, split, rank=0, prefetch=1,
+                        image_cfg=ImageConfig(), audio_cfg=AudioConfig(), feed=feed, readers=2)
+    feed.open(stream.mix)
+    first, last, again = (feed.window(stream.mix.key, 0, 2, 1, 0, readers=2) for _ in range(3))
+    assert first == last and again != first and ray.get(again) == ray.get(first)
+    assert feed.streams[stream.mix.key].shared == {(0, 2, 1, 0): [again, 1]}  # the fresh one awaits its partner
+    blanks = list(Blank(split, 0).batches(0, 3))
+    assert [b["weight"] for b in blanks] == [w for _, w in split.micro_slices(0)] * 3
+    assert all(len(b["sample_id"]) == 0 and set(b) == {"sample_id", "weight"} for b in blanks)

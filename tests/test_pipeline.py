@@ -19,23 +19,34 @@ def losses(rank: int, world: int, out_dir: str, stages: int, tie: bool) -> list[
     return train(task, engine, range(1, STEPS + 1))
 
 
-@pytest.mark.parametrize("world, tie", [(2, False), (4, True)])
-def test_pipeline_trains_as_data_parallel(tmp_path, world, tie):
+@pytest.mark.parametrize("world, stages, tie", [(2, 2, False), (4, 2, True), (3, 3, False)])
+def test_pipeline_trains_as_data_parallel(tmp_path, world, stages, tie):
+    """2 stages on 2 ranks, 2 x 2 on 4 (tied embeddings on the first and last stage), 3 stages on 3 (the middle
+    one reads no data) against as many data-parallel ranks."""
     runs = {}
-    for stages in (1, 2):
-        os.makedirs(out := str(tmp_path / f"stages{stages}"))
-        runs[stages] = run_group(world, losses, out, stages=stages, tie=tie)
-    assert all(r == runs[2][0] for r in runs[2]), "every rank reports the step's loss"
-    assert runs[2][0][0] > runs[2][0][-1], "it learns"
-    for step, (dp, pipe) in enumerate(zip(runs[1][0], runs[2][0]), 1):
+    for s in (1, stages):
+        os.makedirs(out := str(tmp_path / f"stages{s}"))
+        runs[s] = run_group(world, losses, out, stages=s, tie=tie)
+    assert all(r == runs[stages][0] for r in runs[stages]), "every rank reports the step's loss"
+    assert runs[stages][0][0] > runs[stages][0][-1], "it learns"
+    for step, (dp, pipe) in enumerate(zip(runs[1][0], runs[stages][0]), 1):
         assert abs(dp - pipe) <= 1e-4, (step, dp, pipe)
+
+
+def test_pipeline_ranges_in_whole_replicas_are_accepted():
+    from raypt.config import JobConfig
+
+    cfg = JobConfig.model_validate({"model": {"task": "clm", "hidden_size": 32, "num_layers": 2, "num_heads": 2},
+                                    "deepspeed": {"zero_stage": 1}, "pipeline": {"stages": 2},
+                                    "scaling": {"workers": {"min": 2, "max": 6}}, "train": {"global_batch": 12}})
+    assert cfg.scaling.world_sizes() == [2, 3, 4, 5, 6]  # Ray Train's range; raypt/elastic.py takes 2, 4 or 6
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"deepspeed": {"zero_stage": 2}}, "deepspeed.zero_stage: 2 cannot run with pipeline.stages 2"),
     ({"deepspeed": {"zero_stage": 3}}, "deepspeed.zero_stage: 3 cannot run with pipeline.stages 2"),
     ({"scaling": {"workers": 3}}, "scaling.workers: 3 is not a multiple of pipeline.stages (2)"),
-    ({"scaling": {"workers": {"min": 2, "max": 4}}}, "scaling.workers: 3 is not a multiple of pipeline.stages"),
+    ({"scaling": {"workers": {"min": 2, "max": 5}}}, "scaling.workers.max: 5 is not a multiple of pipeline.stages"),
     ({"pipeline": {"stages": 6}, "scaling": {"workers": 6}}, "pipeline.stages: 6 is more than the model's 5"),
     ({"pipeline": {"partition": "type:("}}, "pipeline.partition: 'type:(' is not a valid regular expression"),
     ({"pipeline": {"partition": "profile"}}, "pipeline.partition: 'profile' is not one of parameters, uniform"),
@@ -95,11 +106,13 @@ def test_pipeline_checkpoint_resumes_bit_for_bit(saved):
     assert run_group(2, resume, out, stages=2, source=2)[0] == runs[2][0]["losses"][2:]
 
 
-def test_pipeline_checkpoint_resumes_as_zero2_and_back(saved):
+def test_pipeline_checkpoint_resumes_as_zero2_and_back_and_at_another_dp_size(saved):
     out, runs = saved
     as_zero = run_group(2, resume, out, stages=1, source=2)[0]
     as_pipeline = run_group(2, resume, out, stages=2, source=1)[0]
-    for got, want in ((as_zero, runs[2][0]["losses"][2:]), (as_pipeline, runs[1][0]["losses"][2:])):
+    as_two_replicas = run_group(4, resume, out, stages=2, source=2)[0]
+    for got, want in ((as_zero, runs[2][0]["losses"][2:]), (as_pipeline, runs[1][0]["losses"][2:]),
+                      (as_two_replicas, runs[2][0]["losses"][2:])):
         assert all(abs(a - b) <= 1e-4 for a, b in zip(got, want)), (got, want)
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from raypt.config.data import DataConfig
+from raypt.config.fast import FastConfig
 from raypt.config.pipeline import PipelineConfig
 from raypt.metrics.trackers import TRACKERS
 from raypt.schedules import ScheduleUnion
@@ -228,6 +229,7 @@ class JobConfig(Section):
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig, description="gradual magnitude pruning; "
                                      "final = 0 (the default) trains dense")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    fast: FastConfig = Field(default_factory=FastConfig)
 
     @model_validator(mode="after")
     def _batch_covers_ranks(self) -> "JobConfig":
@@ -272,7 +274,7 @@ class JobConfig(Section):
         Left out, as they change how a run is executed or observed, not what it computes: paths and storage,
         prefetch depth, evaluation, logging and checkpoint cadence, where metrics go (`run.trackers`,
         `run.group`), scaling (the global batch is held constant
-        across world sizes), deepspeed, failure handling, fault drills, S3 settings, and how data was prepared.
+        across world sizes), deepspeed, the pipeline layout, fast paths, failure handling, fault drills, S3 settings, and how data was prepared.
         """
         train = self.train.model_dump(mode="json", exclude=UNSHAPING_TRAIN)
         data = self.data.model_dump(mode="json", include={"stages", "image", "audio"})

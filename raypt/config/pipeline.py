@@ -45,11 +45,13 @@ class PipelineConfig(Section):
         if job.deepspeed.zero_stage > 1:
             raise ValueError(f"deepspeed.zero_stage: {job.deepspeed.zero_stage} cannot run with pipeline.stages "
                              f"{self.stages}: DeepSpeed's pipeline engine takes ZeRO 0 or 1 only")
-        sizes = job.scaling.world_sizes()
-        odd = [w for w in sizes if w % self.stages]
-        if odd:
-            raise ValueError(f"scaling.workers: {odd[0]} is not a multiple of pipeline.stages ({self.stages}); "
-                             f"every world size the run may take must be whole replicas of {self.stages} stages")
+        workers = job.scaling.workers
+        ends = {"": workers} if isinstance(workers, int) else {".min": workers.min, ".max": workers.max}
+        for end, size in ends.items():  # sizes between the ends that are not whole replicas are skipped
+            if size % self.stages:
+                raise ValueError(f"scaling.workers{end}: {size} is not a multiple of pipeline.stages "
+                                 f"({self.stages}); a pipeline run's world sizes are whole replicas of "
+                                 f"{self.stages} stages (raypt/elastic.py)")
         layers = job.model.num_layers + 3  # the embedding, the blocks, the final norm, the output projection
         if self.stages > layers:
             raise ValueError(f"pipeline.stages: {self.stages} is more than the model's {layers} pipeline layers "

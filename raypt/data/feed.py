@@ -50,9 +50,25 @@ class Stream:
         self.at: dict[tuple[int, int], int] = {}  # (world, rank) -> the window it asked for last
         self.first: dict[int, int] = {}  # world -> the earliest window any of its ranks asked for
         self.running: list[ray.ObjectRef] = []
+        # windows assembled for several readers of one data-parallel rank (a pipeline's first and last stage):
+        # (start, count, world, rank) -> [the window, readers yet to ask for it]
+        self.shared: dict[tuple[int, int, int, int], list] = {}
         self.rows_read = 0
 
-    def window(self, start: int, count: int, world: int, rank: int, cpus: float) -> ray.ObjectRef:
+    def window(self, start: int, count: int, world: int, rank: int, cpus: float, readers: int = 1) -> ray.ObjectRef:
+        key = (start, count, world, rank)
+        if key in self.shared:
+            entry = self.shared[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del self.shared[key]
+            return entry[0]
+        ref = self.assemble(start, count, world, rank, cpus)
+        if readers > 1:
+            self.shared[key] = [ref, readers - 1]
+        return ref
+
+    def assemble(self, start: int, count: int, world: int, rank: int, cpus: float) -> ray.ObjectRef:
         blocks, keys = self.mix.needs(start, count, world, rank)
         self.blocks.update(blocks)
         for key in keys:
@@ -87,6 +103,8 @@ class Stream:
         self.blocks = {k for k in self.blocks if self.mix.sources[k[0]].order.block_end(*k[1:]) > consumed[k[0]]}
         kept = set().union(*(self.mix.chunks_of(k) for k in self.blocks))
         self.chunks = {k: ref for k, ref in self.chunks.items() if k in kept}
+        # a reader that never asks (its group restarted): every rank of the world is past the window
+        self.shared = {k: v for k, v in self.shared.items() if k[2] != world or k[0] >= slowest}
 
 
 class Feed:
@@ -101,9 +119,10 @@ class Feed:
         if mix.key not in self.streams:
             self.streams[mix.key] = Stream(mix, self.drill if mix.train else None)
 
-    def window(self, key: str, start: int, count: int, world: int, rank: int) -> ray.ObjectRef:
-        """The packed rows (Mix.assemble) of rank `rank` of `world` in global batches [start, start + count)."""
-        return self.streams[key].window(start, count, world, rank, self.cpus)
+    def window(self, key: str, start: int, count: int, world: int, rank: int, readers: int = 1) -> ray.ObjectRef:
+        """The packed rows (Mix.assemble) of rank `rank` of `world` in global batches [start, start + count),
+        assembled once for the `readers` ranks that ask for them."""
+        return self.streams[key].window(start, count, world, rank, self.cpus, readers)
 
     def rows_read(self) -> dict[str, int]:
         """Rows each stream has read from storage: the measure of read amplification."""

@@ -19,7 +19,7 @@ from raypt.data.mix import MixPlan
 from raypt.data.split import Split
 from raypt.data.window import SOURCE_BITS, Mix
 
-__all__ = ["RankStream", "Timed", "SOURCE_BITS"]  # SOURCE_BITS: how a batch's sample ids name their source
+__all__ = ["RankStream", "Blank", "rank_stream", "Timed", "SOURCE_BITS"]  # SOURCE_BITS: how a batch's sample ids name their source
 
 
 class RankStream:
@@ -29,9 +29,11 @@ class RankStream:
     for one modality). `feed`: the run's feed actor, shared by its ranks; None = a feed of this process's own."""
 
     def __init__(self, manifests: list[dict], plan: MixPlan, split: str, seed: int, shuffle: bool,
-                 batch_split: Split, rank: int, prefetch: int, image_cfg, audio_cfg, feed: Any = None):
+                 batch_split: Split, rank: int, prefetch: int, image_cfg, audio_cfg, feed: Any = None,
+                 readers: int = 1):
+        """`readers`: ranks that read this data-parallel rank's batches, to whom the feed hands one window."""
         self.mix = Mix(manifests, plan, split, seed, shuffle, image_cfg, audio_cfg)
-        self.batch_split, self.rank, self.prefetch = batch_split, rank, prefetch
+        self.batch_split, self.rank, self.prefetch, self.readers = batch_split, rank, prefetch, readers
         self.feed = feed if feed is not None else Feed()
 
     def micro_batches(self, window: dict) -> Iterator[dict]:
@@ -64,9 +66,33 @@ class RankStream:
             # `prefetch` windows asked for beyond the one in use: each is read and decoded while the rank trains.
             while windows and len(ahead) <= self.prefetch:
                 start, count = windows.popleft()
-                ahead.append(call(self.feed, "window", self.mix.key, start, count, world, self.rank))
+                ahead.append(call(self.feed, "window", self.mix.key, start, count, world, self.rank, self.readers))
             with np.load(io.BytesIO(fetch(ahead.popleft())), allow_pickle=False) as window:
                 yield from self.micro_batches(dict(window))
+
+
+class Blank:
+    """The batches of a rank that reads none (a pipeline's middle stage): each micro-batch's weight, no rows."""
+
+    def __init__(self, batch_split: Split, rank: int):
+        self.batch_split, self.rank = batch_split, rank
+
+    def batches(self, first_batch: int, num_batches: int) -> Iterator[dict]:
+        import torch
+
+        for _ in range(num_batches):
+            for _, weight in self.batch_split.micro_slices(self.rank):
+                yield {"sample_id": torch.zeros(0, dtype=torch.int64), "weight": weight}
+
+
+def rank_stream(engine: Any, manifests: list[dict], plan: MixPlan, split: str, seed: int, shuffle: bool,
+                data_cfg: Any, feed: Any = None) -> RankStream | Blank:
+    """The stream of an engine's rank: its data-parallel rank's share of `split`, or blanks where the rank reads
+    no data. `data_cfg`: the job's `data` section."""
+    if not engine.consumes_data:
+        return Blank(engine.split, engine.dp_rank)
+    return RankStream(manifests, plan, split, seed, shuffle, engine.split, engine.dp_rank, data_cfg.prefetch_batches,
+                      data_cfg.image, data_cfg.audio, feed, engine.readers)
 
 
 class Timed:

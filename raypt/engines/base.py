@@ -100,6 +100,11 @@ class Engine(ABC):
         """Whether this rank reads input batches (every rank here; a pipeline's first and last stages)."""
         return True
 
+    @property
+    def readers(self) -> int:
+        """Ranks that read each data-parallel rank's batches (the feed assembles each window once for them)."""
+        return 1
+
     @classmethod
     def place(cls, cfg: "JobConfig", world: int, rank: int) -> Topology:
         """Where rank `rank` of `world` sits in this engine's layout."""
@@ -113,7 +118,12 @@ class Engine(ABC):
     @classmethod
     def construct(cls, task: "Task", cfg: "JobConfig", topology: Topology) -> "torch.nn.Module":
         """The model this rank holds, initialised by name: the task's, built as `partition` says."""
-        return task.build_model(cfg.run.seed, cls.partition(cfg, topology))
+        model = task.build_model(cfg.run.seed, cls.partition(cfg, topology))
+        if cfg.fast.activation_checkpointing:
+            from raypt.models.recompute import checkpoint_blocks
+
+            checkpoint_blocks(model)
+        return model
 
     @classmethod
     @abstractmethod

@@ -43,6 +43,19 @@ def _layers(pipe: nn.Module) -> Iterator[nn.Module]:
     yield from (m for n, m in pipe.named_children() if n != "tied_modules")
 
 
+def _recompute(cfg: JobConfig) -> dict:
+    """`fast.activation_checkpointing` on a pipeline: DeepSpeed recomputes each block (interval 1; the embedding,
+    norm and head keep their activations), with torch's non-reentrant checkpoint as on the ZeRO path."""
+    if not cfg.fast.activation_checkpointing:
+        return {}
+    from torch.utils.checkpoint import checkpoint
+
+    from raypt.models.recompute import NON_REENTRANT
+
+    return {"activation_checkpoint_interval": 1, "checkpointable_layers": ["Block"],
+            "activation_checkpoint_func": partial(checkpoint, **NON_REENTRANT)}
+
+
 class PipelineEngine(ZeroEngine):
     name = "pipeline"
 
@@ -74,9 +87,14 @@ class PipelineEngine(ZeroEngine):
         # makes its groups before `deepspeed.initialize` would
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
         torch.manual_seed(cfg.run.seed)
-        pipe = PipelineModule(layers=task.pipeline_layers(), loss_fn=partial(_weighted, task),
+        class Pipe(PipelineModule):
+            def _count_layer_params(self) -> list[int]:  # partition: parameters; sizes, not every layer built
+                with torch.device("meta"):
+                    return super()._count_layer_params()
+
+        pipe = Pipe(layers=task.pipeline_layers(), loss_fn=partial(_weighted, task),
                               topology=PipeDataParallelTopology(num_pp=topology.stages, num_dp=topology.dp_size),
-                              partition_method=cfg.pipeline.partition)
+                              partition_method=cfg.pipeline.partition, **_recompute(cfg))
         for layer in _layers(pipe):
             for part, prefix in layer.init_parts():
                 init_by_name(part, cfg.run.seed, prefix=prefix, owner=whole)
@@ -132,10 +150,10 @@ class PipelineEngine(ZeroEngine):
         return ids, (ids, rows)
 
     def train_step(self, batches: Iterator[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
-        micro = [self._micro(next(batches)) for _ in range(self.micro_batches)]
+        micro = [next(batches) for _ in range(self.micro_batches)]  # a middle stage's: blanks, unused
         self.spent = {"passes": 0.0, "update": 0.0}
         t = time.perf_counter()
-        self.ds.train_batch(data_iter=iter(micro))
+        self.ds.train_batch(data_iter=iter([self._micro(b) for b in micro]) if self.consumes_data else None)
         took = time.perf_counter() - t
         stages = {f"stage{k}_s": took if k == self.topology.stage else 0.0 for k in range(self.topology.stages)}
         bubble = 1 - self.spent["passes"] / max(took - self.spent["update"], 1e-9)
@@ -145,11 +163,21 @@ class PipelineEngine(ZeroEngine):
         """The mean loss over the batch's rows (this replica's), on every stage."""
         import torch.distributed as dist
 
-        out = self.ds.eval_batch(iter([self._micro({**batch, "weight": 1.0})]), num_micro_batches=1,
+        data = [self._micro({**batch, "weight": 1.0})] if self.consumes_data else []
+        out = self.ds.eval_batch(iter(data), num_micro_batches=1,
                                  reduce_output=None, bcast_loss=False)
         loss = out[0].detach().float().reshape(1) if self.ds.is_last_stage() else torch.zeros(1, device=self.device)
         dist.broadcast(loss, src=self.ds._loss_stage_global_rank(), group=self.ds.grid.get_pipe_parallel_group())
         return loss[0], {}
+
+    @property
+    def consumes_data(self) -> bool:
+        """The first stage takes the tokens, the last the labels; the stages between only activations."""
+        return self.topology.stage in (0, self.topology.stages - 1)
+
+    @property
+    def readers(self) -> int:
+        return 2
 
     @property
     def dp_group(self) -> Any:
