@@ -166,7 +166,7 @@ def follow(sink, fit_thread: threading.Thread, total: int) -> None:
             bar.write(e, file=console())
         if "step" in latest:
             bar.n = latest["step"]
-            post = {k: f"{latest[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu") if latest.get(k)}
+            post = {k: f"{latest[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu", "hfu") if latest.get(k)}
             bar.set_postfix(post, refresh=False)
             bar.refresh()
         if not fit_thread.is_alive():
@@ -188,7 +188,7 @@ def summarize(records: list[dict], wall_s: float) -> dict:
         **{f"final_{k}": v for k, v in (vals[-1] if vals else {}).items() if k.startswith("val_loss/")},  # per source
         "tokens_seen": steps[-1]["tokens_seen"] if steps else 0,
         "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed) if timed else None,
-        "mfu": sum(r["mfu"] for r in timed) / len(timed) if timed else None,
+        **{k: sum(r[k] for r in timed) / len(timed) if timed and k in timed[0] else None for k in ("mfu", "hfu")},
         "data_wait_fraction": sum(r["data_wait_s"] for r in timed) / step_time if step_time else None,
         **{k: steps[-1][k] for k in ("density", "nonzero_params", "n_avg") if steps and k in steps[-1]},
         "wall_s": wall_s,

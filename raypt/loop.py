@@ -20,7 +20,7 @@ from raypt.engines.device import accelerator, keep_host_memory
 from raypt.evaluation import Evaluator
 from raypt.hooks import preemption, standard_hooks
 from raypt.metrics import CORE, Reducer, source_losses
-from raypt.metrics.flops import peak_flops
+from raypt.metrics.flops import peak_flops, sample_flops
 from raypt.tasks import by_modality, get_task
 
 preemption.install()
@@ -45,7 +45,7 @@ class Worker:
         self.topology = select(cfg).place(cfg, self.world, self.rank)
         model = select(cfg).construct(self.task, cfg, self.topology)  # ZeRO-3: in slices; a pipeline: its stage
         tokens = [self.task.tokens_per_sample(modality(m)) for m in self.manifests]
-        self.flops = np.array([self.task.flops_per_sample(model, modality(m)) for m in self.manifests])
+        self.flops = sample_flops(self.task, model, [modality(m) for m in self.manifests], cfg.fast)  # model, hardware
         self.plan = MixPlan(cfg.data.stage_weights(), cfg.train.global_batch, tokens)
         self.restore(model)
         keep_host_memory()
@@ -96,11 +96,11 @@ class Worker:
         seconds = time.perf_counter() - t0
         s = self.state
         s.step, s.tokens_seen, s.samples_seen = step, plan.tokens_before(step), step * c.train.global_batch
-        step_flops = float(plan.counts[plan.stage(step - 1)] @ self.flops)
+        step_flops = self.flops @ plan.counts[plan.stage(step - 1)]
         return {"step": step, **reduced, "lr": lr, "tokens_seen": s.tokens_seen, "samples_seen": s.samples_seen,
                 "tokens_per_s": (s.tokens_seen - plan.tokens_before(step - 1)) / seconds,
-                "mfu": step_flops / seconds / peak, "step_time_s": seconds, "world_size": self.world,
-                "time": time.time()}
+                "mfu": step_flops[0] / seconds / peak, "hfu": step_flops[1] / seconds / peak, "step_time_s": seconds,
+                "world_size": self.world, "time": time.time()}
 
     def save(self, step: int, record: dict) -> None:
         """Write this rank's part, let hooks make what it covers durable, then upload in the background.

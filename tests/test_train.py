@@ -45,11 +45,12 @@ def test_run_folder_holds_metrics_summary_tensorboard_checkpoints(zero_runs):
     cfg, folder = zero_runs[3]
     records = read_metrics(folder)
     assert [r["step"] for r in records] == list(range(STEPS + 1))
-    for key in ("loss", "lr", "tokens_seen", "tokens_per_s", "mfu", "step_time_s", "data_wait_s"):
+    for key in ("loss", "lr", "tokens_seen", "tokens_per_s", "mfu", "hfu", "step_time_s", "data_wait_s"):
         assert all(r[key] is not None for r in records[1:]), key
     assert records[0]["val_loss"] and records[-1]["val_loss"]
     summary = json.load(open(os.path.join(folder, "summary.json")))
     assert summary["steps"] == STEPS and 0 < summary["mfu"] < 1
+    assert summary["hfu"] == summary["mfu"]  # nothing recomputed without activation checkpointing
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(folder, "tensorboard")))
     assert sorted(d for d in os.listdir(folder) if d.startswith("step")) == ["step000003", "step000004"]
 

@@ -29,6 +29,7 @@ CORE = (
     Metric("samples_seen", "rank0", "global samples trained on after the step"),
     Metric("tokens_per_s", "rank0", "global tokens per second of the step"),
     Metric("mfu", "rank0", "model FLOPs utilisation against the peak of every rank"),
+    Metric("hfu", "rank0", "hardware FLOPs utilisation: mfu with the recomputation of activation checkpointing"),
     Metric("step_time_s", "rank0", "wall time of the step on rank 0"),
     Metric("world_size", "rank0", "ranks in the worker group"),
     Metric("checkpoint_s", "rank0", "seconds training was held up by a checkpoint"),

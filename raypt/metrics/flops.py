@@ -1,8 +1,15 @@
-"""Peak FLOP/s for MFU: a datasheet number on known GPUs, else a measured fp32 matmul rate."""
+"""FLOPs for MFU and HFU: each task's count per sample (checked against torch's FlopCounterMode in
+tests/test_flops.py) and the peak, a datasheet number on known GPUs, else a measured fp32 matmul rate.
+
+MFU counts the model's FLOPs of each sample's own tokens (padding is no useful work); HFU adds what the hardware
+computes again under activation checkpointing. On CPU the peak is the best fp32 rate of square matmuls of 256 to
+2048 on the rank's own threads, measured in the rank's process as it starts."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import numpy as np
 import torch
 
 # Dense bf16 tensor-core peaks (FLOP/s) of the GPUs pre-training runs on; matched by substring of the device name.
@@ -24,23 +31,35 @@ def peak_flops(threads: int) -> float:
     return measured_matmul_flops(threads)
 
 
-def measured_matmul_flops(threads: int, n: int = 512, repeats: int = 8) -> float:
+def sample_flops(task: Any, model: torch.nn.Module, modalities: list[str], fast: Any) -> np.ndarray:
+    """Per source (rows: model FLOPs, hardware FLOPs) of one training sample; `fast`: the job's fast: section."""
+    model_flops = [task.flops_per_sample(model, m) for m in modalities]
+    extra = [task.recompute_flops_per_sample(model, m) if fast.activation_checkpointing else 0.0 for m in modalities]
+    return np.array([model_flops, np.add(model_flops, extra)])
+
+
+def measured_matmul_flops(threads: int, sizes: tuple[int, ...] = (256, 512, 1024, 2048), seconds: float = 0.1
+                          ) -> float:
+    """The best rate of fp32 n x n matmuls over `sizes`, each repeated for about `seconds` after a warm-up (about
+    a second in all on one CPU thread)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    best = 0.0
     try:
-        a @ b
-        best = float("inf")
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
+        for n in sizes:
+            a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
             a @ b
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
+            spent = 0.0
+            while spent < seconds:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                a @ b
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                took = time.perf_counter() - t
+                spent, best = spent + took, max(best, 2 * n ** 3 / took)
     finally:
         torch.set_num_threads(before)
-    return 2 * n ** 3 / best
+    return best

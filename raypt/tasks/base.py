@@ -142,6 +142,10 @@ class Task(ABC):
         """Training FLOPs (forward + backward) of one sample of `modality`, for MFU."""
 
     @abstractmethod
+    def recompute_flops_per_sample(self, model: nn.Module, modality: str) -> float:
+        """FLOPs activation checkpointing adds per sample (the blocks' forward once more), for HFU."""
+
+    @abstractmethod
     def export(self, model: nn.Module, out_dir: str) -> None:
         """Write the trained model to `out_dir` in a form that loads without raypt where the task allows."""
 

@@ -72,6 +72,11 @@ class ClmTask(Task):
                                     hf.num_key_value_heads, hf.intermediate_size, hf.hidden_size * hf.vocab_size,
                                     hf.max_position_embeddings)
 
+    def recompute_flops_per_sample(self, model: nn.Module, modality: str) -> float:
+        hf = model.config
+        return llama.recompute_flops(hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads,
+                                     hf.num_key_value_heads, hf.intermediate_size, hf.max_position_embeddings)
+
     def export(self, model: nn.Module, out_dir: str) -> None:
         """A Hugging Face folder (safetensors, config, tokenizer) that transformers loads without raypt."""
         from transformers import AutoTokenizer

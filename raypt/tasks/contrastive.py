@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from raypt.metrics import Metric
 from raypt.tasks.base import Task, TaskConfig, register
-from raypt.tasks.vit import save_image_processor, transformer_flops
+from raypt.tasks.vit import recompute_flops, save_image_processor, transformer_flops
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -127,6 +127,11 @@ class ContrastiveTask(Task):
         embed = 6 * patches * 3 * m.patch_size ** 2 * m.hidden_size
         heads = 6 * m.heads * (m.hidden_size * proj_hidden + proj_hidden * m.proj_dim)
         return float(2 * (encoder + embed + heads))
+
+    def recompute_flops_per_sample(self, model: nn.Module, modality: str) -> float:
+        """Both views' encoder blocks, forward once more (raypt.tasks.vit.recompute_flops)."""
+        m, patches = self.cfg.model, (self.cfg.data.image.size // self.cfg.model.patch_size) ** 2
+        return 2 * recompute_flops(m.hidden_size, m.num_layers, m.intermediate_size or 4 * m.hidden_size, patches + 1)
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         """The encoder alone, as a folder that `AutoModel.from_pretrained` (a ViTModel) and

@@ -16,3 +16,11 @@ def training_flops(hidden: int, layers: int, heads: int, kv_heads: int, inter: i
     kv = hidden * kv_heads // heads
     matmul_params = layers * (hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * inter) + head_params
     return float((6 * matmul_params + 12 * layers * hidden * tokens) * tokens)
+
+
+def recompute_flops(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, tokens: int) -> float:
+    """What activation checkpointing adds for one sequence: each block's forward again, up to the last tensor
+    the backward needs. torch's recomputation stops there, so the MLP's down projection (whose output only feeds
+    the residual sum) is not run again."""
+    forward = training_flops(hidden, layers, heads, kv_heads, inter, 0, tokens) / 3
+    return forward - 2.0 * layers * hidden * inter * tokens

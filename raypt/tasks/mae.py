@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from raypt.tasks.base import Task, TaskConfig, register, sample_noise
-from raypt.tasks.vit import save_image_processor, transformer_flops
+from raypt.tasks.vit import recompute_flops, save_image_processor, transformer_flops
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -70,9 +70,19 @@ class MaeTask(Task):
         encoder = transformer_flops(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, kept)
         decoder = transformer_flops(hf.decoder_hidden_size, hf.decoder_num_hidden_layers,
                                     hf.decoder_intermediate_size, patches + 1)
-        heads = 6 * (patches * pixels * hf.hidden_size + kept * hf.hidden_size * hf.decoder_hidden_size
-                     + (patches + 1) * hf.decoder_hidden_size * pixels)
+        # the patch embedding takes pixels, which need no gradient: forward and weight gradient only (4x)
+        heads = 4 * patches * pixels * hf.hidden_size + 6 * hf.decoder_hidden_size * (
+            kept * hf.hidden_size + (patches + 1) * pixels)
         return float(encoder + decoder + heads)
+
+    def recompute_flops_per_sample(self, model: nn.Module, modality: str) -> float:
+        """The encoder's and the decoder's blocks, forward once more (raypt.tasks.vit.recompute_flops)."""
+        hf = model.config
+        patches = (hf.image_size // hf.patch_size) ** 2
+        kept = int(patches * (1 - hf.mask_ratio)) + 1
+        return (recompute_flops(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, kept)
+                + recompute_flops(hf.decoder_hidden_size, hf.decoder_num_hidden_layers, hf.decoder_intermediate_size,
+                                  patches + 1))
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         """A folder that ViTMAEForPreTraining / AutoImageProcessor.from_pretrained load offline, preprocessing

@@ -74,6 +74,11 @@ class MultimodalTask(Task):
         return llama.training_flops(d, c["num_layers"], c["num_heads"], c["num_kv_heads"], c["intermediate_size"],
                                     d * heads, c["lengths"][modality])
 
+    def recompute_flops_per_sample(self, model: nn.Module, modality: str) -> float:
+        c = model.config
+        return llama.recompute_flops(c["hidden_size"], c["num_layers"], c["num_heads"], c["num_kv_heads"],
+                                     c["intermediate_size"], c["lengths"][modality])
+
     def export(self, model: nn.Module, out_dir: str) -> None:
         """model.safetensors + config.json, which `load` rebuilds."""
         from safetensors.torch import save_file
