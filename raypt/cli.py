@@ -189,7 +189,8 @@ def _train(cfg: config.JobConfig, verbose: bool) -> int:
     summary = json.load(open(os.path.join(folder, "summary.json"))) if "://" not in folder else {}
     if summary:
         print(f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f}, "
-              f"{summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.1%}, HFU {summary.get('hfu') or 0:.1%}")
+              f"{summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.1%}, "
+              f"HFU {summary.get('hfu') or 0:.1%}")
     print(f"run folder: {folder}")
     return 0
 

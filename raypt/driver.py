@@ -166,7 +166,8 @@ def follow(sink, fit_thread: threading.Thread, total: int) -> None:
             bar.write(e, file=console())
         if "step" in latest:
             bar.n = latest["step"]
-            post = {k: f"{latest[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu", "hfu") if latest.get(k)}
+            shown = ("loss", "val_loss", "tokens_per_s", "mfu", "hfu")
+            post = {k: f"{latest[k]:.4g}" for k in shown if latest.get(k)}
             bar.set_postfix(post, refresh=False)
             bar.refresh()
         if not fit_thread.is_alive():

@@ -273,8 +273,8 @@ class JobConfig(Section):
 
         Left out, as they change how a run is executed or observed, not what it computes: paths and storage,
         prefetch depth, evaluation, logging and checkpoint cadence, where metrics go (`run.trackers`,
-        `run.group`), scaling (the global batch is held constant
-        across world sizes), deepspeed, the pipeline layout, fast paths, failure handling, fault drills, S3 settings, and how data was prepared.
+        `run.group`), scaling (the global batch is held constant across world sizes), deepspeed, the pipeline
+        layout, fast paths, failure handling, fault drills, S3 settings, and how data was prepared.
         """
         train = self.train.model_dump(mode="json", exclude=UNSHAPING_TRAIN)
         data = self.data.model_dump(mode="json", include={"stages", "image", "audio"})

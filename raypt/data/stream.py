@@ -19,7 +19,8 @@ from raypt.data.mix import MixPlan
 from raypt.data.split import Split
 from raypt.data.window import SOURCE_BITS, Mix
 
-__all__ = ["RankStream", "Blank", "rank_stream", "Timed", "SOURCE_BITS"]  # SOURCE_BITS: how a batch's sample ids name their source
+# SOURCE_BITS: how a batch's sample ids name their source
+__all__ = ["RankStream", "Blank", "rank_stream", "Timed", "SOURCE_BITS"]
 
 
 class RankStream:

@@ -87,14 +87,15 @@ class PipelineEngine(ZeroEngine):
         # makes its groups before `deepspeed.initialize` would
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
         torch.manual_seed(cfg.run.seed)
+
         class Pipe(PipelineModule):
             def _count_layer_params(self) -> list[int]:  # partition: parameters; sizes, not every layer built
                 with torch.device("meta"):
                     return super()._count_layer_params()
 
         pipe = Pipe(layers=task.pipeline_layers(), loss_fn=partial(_weighted, task),
-                              topology=PipeDataParallelTopology(num_pp=topology.stages, num_dp=topology.dp_size),
-                              partition_method=cfg.pipeline.partition, **_recompute(cfg))
+                    topology=PipeDataParallelTopology(num_pp=topology.stages, num_dp=topology.dp_size),
+                    partition_method=cfg.pipeline.partition, **_recompute(cfg))
         for layer in _layers(pipe):
             for part, prefix in layer.init_parts():
                 init_by_name(part, cfg.run.seed, prefix=prefix, owner=whole)
@@ -164,8 +165,7 @@ class PipelineEngine(ZeroEngine):
         import torch.distributed as dist
 
         data = [self._micro({**batch, "weight": 1.0})] if self.consumes_data else []
-        out = self.ds.eval_batch(iter(data), num_micro_batches=1,
-                                 reduce_output=None, bcast_loss=False)
+        out = self.ds.eval_batch(iter(data), num_micro_batches=1, reduce_output=None, bcast_loss=False)
         loss = out[0].detach().float().reshape(1) if self.ds.is_last_stage() else torch.zeros(1, device=self.device)
         dist.broadcast(loss, src=self.ds._loss_stage_global_rank(), group=self.ds.grid.get_pipe_parallel_group())
         return loss[0], {}

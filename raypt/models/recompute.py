@@ -18,7 +18,11 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
     (the switch is never a silent no-op)."""
     from transformers import PreTrainedModel
 
-    found = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+    found, covered = [], set()  # the outermost ones: enabling one reaches every layer inside it
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing and id(m) not in covered:
+            found.append(m)
+            covered.update(id(sub) for sub in m.modules())
     if not found:
         raise ValueError(f"fast.activation_checkpointing: true, but {type(model).__name__} holds no transformers "
                          "model that supports gradient checkpointing")
