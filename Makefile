@@ -29,13 +29,21 @@ test: test-fast
 	$(BIN)/python -m pytest -m "(ray or slow) and not autoscaler"
 	$(BIN)/python -m pytest -m autoscaler
 
+# Every benchmark (each writes benchmarks/results/<name>.json), the GPU check where there is a GPU, then
+# benchmarks/RESULTS.md from all results. The paper reproductions (benchmarks/papers/) take hours: run them alone.
 bench: $(VENV)/.installed
+	test -f data/stdlib/manifest.json || $(BIN)/raypt data prepare $(JOB)
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/mfu.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/same_losses.py
 	$(BIN)/python benchmarks/tune.py
 	$(BIN)/python benchmarks/pruning.py
+	if command -v nvidia-smi >/dev/null; then PATH="$(abspath $(BIN)):$$PATH" bash benchmarks/gpu_check.sh; fi
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf runs data benchmarks/results/*.tmp

@@ -1,9 +1,12 @@
 """GPU check of raypt's engine, task and step in one process (no Ray): what a CPU machine cannot show.
 
-For the quickstart model and a Llama-style model of about 1B parameters, in the precision raypt picks on the
-device (bf16 where supported), with DeepSpeed ZeRO-2 through raypt's engine strategy:
+For the quickstart model and a Llama-style model of about 1B parameters (with the fast paths on: compiled
+blocks, pinned non-blocking batch copies, fused AdamW), in the precision raypt picks on the device (bf16 where
+supported), with DeepSpeed ZeRO-2 through raypt's engine strategy:
 - tokens/s and MFU of raypt's step against the datasheet peak, and the same model in a bare torch loop (the
-  standard recipe: fp32 weights, bf16 autocast, fused AdamW), as a ratio;
+  standard recipe: fp32 weights, bf16 autocast, fused AdamW, the same blocks compiled), as a ratio;
+- pinned batches (`fast.pin_memory`) train to the same losses as pageable ones (`--pinned`: only this, as
+  tests/test_fast_paths.py runs it);
 - a checkpoint saved by raypt and restored into a fresh engine: the largest difference of the restored fp32
   master weights from the saved ones (a restore that rounds them through bf16 shows here), and the next step's
   loss against the uninterrupted engine's;
@@ -26,18 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODELS = {
     "quickstart": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "vocab": 2048, "seq": 128, "micro": 16},
-    "llama_1b": {"hidden_size": 2048, "num_layers": 16, "num_heads": 16, "vocab": 32000, "seq": 2048, "micro": 8},
+    "llama_1b": {"hidden_size": 2048, "num_layers": 16, "num_heads": 16, "vocab": 32000, "seq": 2048, "micro": 8,
+                 "fast": {"compile": True, "pin_memory": True}},
 }
 
 
-def job(m: dict, steps: int, precision: str = "auto"):
+def job(m: dict, steps: int, precision: str = "auto", fast: dict | None = None):
     from raypt.config import JobConfig
 
     return JobConfig.model_validate({
         "model": {"task": "clm", "hidden_size": m["hidden_size"], "num_layers": m["num_layers"],
                   "num_heads": m["num_heads"]},
         "train": {"steps": steps, "global_batch": m["micro"], "micro_batch": m["micro"], "lr": 3e-4},
-        "deepspeed": {"zero_stage": 2, "precision": precision}, "scaling": {"workers": 1}})
+        "deepspeed": {"zero_stage": 2, "precision": precision}, "scaling": {"workers": 1},
+        "fast": m.get("fast", {}) if fast is None else fast})
 
 
 def step_batches(b: torch.Tensor):
@@ -106,6 +111,10 @@ def check(name: str, m: dict, steps: int) -> dict:
 
     with torch.device("cuda"):
         model = task.build_model(0)
+    if cfg.fast.compile:
+        from raypt.models.compiled import compile_blocks
+
+        compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
 
     def bare_step(b):
@@ -119,7 +128,7 @@ def check(name: str, m: dict, steps: int) -> dict:
     del model, opt
     torch.cuda.empty_cache()
     tokens = m["micro"] * m["seq"]
-    peak = peak_flops(1)
+    peak = peak_flops(1, cfg.deepspeed.precision)
     return {f"{name}_params": sum(v.numel() for v in saved.values()),
             f"{name}_precision": precision("auto"),
             f"{name}_tokens_per_s": tokens / raypt_s, f"{name}_mfu": flops / raypt_s / peak,
@@ -172,6 +181,24 @@ def fp16_check(m: dict, steps: int) -> dict:
             "fp16_losses_without_saved_scale_max_abs_diff": max(abs(a - b) for a, b in zip(runs[1], runs[2]))}
 
 
+def pinned_check(m: dict, steps: int) -> dict:
+    """The same steps from pinned host batches with non-blocking copies (`fast.pin_memory`) as from pageable
+    ones."""
+    from raypt.engines import Topology, select
+    from raypt.tasks import get_task
+
+    losses = {}
+    for pin in (False, True):
+        cfg = job(m, steps, fast={"pin_memory": pin})
+        task = get_task("clm")(cfg, {"text": {"vocab_size": m["vocab"], "seq_len": m["seq"], "eos_id": 0}})
+        with torch.device("cuda"):
+            model = task.build_model(0)
+        engine = select(cfg).build(model, cfg, Topology.data_parallel(1, 0))
+        losses[pin] = [float(engine.train_step(step_batches(b), task.loss)[0]) for b in batches(m, steps)]
+    return {"pinned_engine": engine.pinned,
+            "pinned_losses_max_abs_diff": max(abs(a - b) for a, b in zip(losses[True], losses[False]))}
+
+
 def main() -> None:
     import torch.distributed as dist
 
@@ -180,7 +207,12 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda")
     dist.init_process_group("nccl", rank=0, world_size=1)
     torch.cuda.set_device(0)
+    if sys.argv[1:] == ["--pinned"]:
+        print(json.dumps(pinned_check(MODELS["quickstart"], steps=5)))
+        dist.destroy_process_group()
+        return
     figures = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    figures.update(pinned_check(MODELS["quickstart"], steps=5))
     for name, m in MODELS.items():
         t = time.time()
         figures.update(check(name, m, steps=30 if name == "quickstart" else 15))

@@ -1,12 +1,15 @@
-"""raypt's training throughput against a bare DeepSpeed loop: same model, same two processes, same data.
+"""raypt's training throughput against a bare DeepSpeed loop: same model, same processes, same data.
 
 Both run the quickstart model under ZeRO-2 with the same DeepSpeed config, back to back, alternating, in one
-invocation; the figure is the ratio of steady-state tokens/s (the first WARMUP steps are excluded from both).
-The headline compares raypt as shipped with the loop as one would write it; `raypt_vs_bare_same_allocator` gives
-the bare loop raypt's host-allocator setting too, so it isolates what the framework itself costs. Per-process CPU
-is sampled throughout, so each timed window splits into the cores the ranks got and the cores every other process
-(Ray's daemons and actors) took from them.
-Usage: python benchmarks/overhead.py [--steps 60] [--rounds 2] [overrides...]
+invocation, at one rank (one thread, so a core is spare for Ray's processes, as on a GPU node) and at two ranks
+(one per core, where every other process takes its cycles from a rank); the figure is the ratio of steady-state
+tokens/s (the first WARMUP steps are excluded from both). The bare loop is a plain torch.distributed launch
+(processes started by torch with env:// rendezvous, as `torchrun` or `deepspeed` would) while no Ray cluster
+runs; raypt runs as shipped, on its embedded cluster with its data feed and control processes, started for each
+run and stopped after it. `raypt_vs_bare_same_allocator_*` gives the bare loop raypt's host-allocator setting
+too, so it isolates what the framework itself costs. Per-process CPU is sampled throughout, so each timed window
+splits into the cores the ranks got and the cores every other process took from them.
+Usage: python benchmarks/overhead.py [--steps 60] [--rounds 3] [--workers 1 2] [overrides...]
 """
 from __future__ import annotations
 
@@ -141,40 +144,43 @@ def run_raypt(cfg, steps: int, name: str) -> tuple[float, tuple[float, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    import ray
+
     storage = tempfile.mkdtemp(prefix="raypt-bench-")
     overrides = [f"train.steps={args.steps}", f"train.eval_every={args.steps}", f"checkpoint.every={args.steps}",
-                 f"run.storage={storage}", *args.overrides]
+                 f"run.storage={storage}", "scaling.cpus_per_worker=1", *args.overrides]
     cfg = config.load(JOB, overrides, check_data=False)
     if not os.path.exists(os.path.join(cfg.data.path, "manifest.json")):
         from raypt.data.prepare import prepare
 
         prepare(cfg.data.path, cfg.data.prepare)
-    from raypt.driver import init_ray
-
-    init_ray()
-    meter = CpuMeter()
-    runs: dict[str, list] = {"bare": [], "bare_same_allocator": [], "raypt": []}
-    for i in range(args.rounds):
-        runs["bare"].append(run_bare(cfg, args.steps))
-        runs["bare_same_allocator"].append(run_bare(cfg, args.steps, same_allocator=True))
-        runs["raypt"].append(run_raypt(cfg, args.steps, f"overhead-{i}"))
-        print(f"round {i}: " + ", ".join(f"{k} {v[-1][0]:.0f} tokens/s" for k, v in runs.items()))
+    meter, figures, tokens, cores = CpuMeter(), {}, {}, {}
+    for w in args.workers:
+        sized = config.from_dict({**config.to_dict(cfg), "scaling": {**config.to_dict(cfg)["scaling"], "workers": w}})
+        runs: dict[str, list] = {"bare": [], "bare_same_allocator": [], "raypt": []}
+        for i in range(args.rounds):
+            runs["bare"].append(run_bare(sized, args.steps))
+            runs["bare_same_allocator"].append(run_bare(sized, args.steps, same_allocator=True))
+            runs["raypt"].append(run_raypt(sized, args.steps, f"overhead-{w}-{i}"))
+            ray.shutdown()  # the bare loop runs with no Ray cluster
+            print(f"{w} rank(s), round {i}: " + ", ".join(f"{k} {v[-1][0]:.0f} tokens/s" for k, v in runs.items()))
+        tokens[w] = {k: [rate for rate, _ in v] for k, v in runs.items()}
+        cores[w] = {k: [meter.split(*window, ranks=w) for _, window in v] for k, v in runs.items()}
+        median = {k: float(np.median(v)) for k, v in tokens[w].items()}
+        # Medians of alternating rounds: robust to a noisy neighbour in any one round.
+        figures.update({f"raypt_vs_bare_tokens_per_s_{w}rank": median["raypt"] / median["bare"],
+                        f"raypt_vs_bare_same_allocator_{w}rank": median["raypt"] / median["bare_same_allocator"],
+                        **{f"{k}_tokens_per_s_{w}rank": v for k, v in median.items()},
+                        **{f"{k}_{part}_{w}rank": float(np.median([c[part] for c in cores[w][k]]))
+                           for k in ("bare", "raypt") for part in ("rank_cores", "other_cores")}})
     meter.stop()
-    tokens = {k: [rate for rate, _ in v] for k, v in runs.items()}
-    cores = {k: [meter.split(*window, ranks=cfg.scaling.workers) for _, window in v] for k, v in runs.items()}
-    median = {k: float(np.median(v)) for k, v in tokens.items()}
-    # Medians of alternating rounds: robust to a noisy neighbour in any one round.
-    figures = {"raypt_vs_bare_tokens_per_s": median["raypt"] / median["bare"],
-               "raypt_vs_bare_same_allocator": median["raypt"] / median["bare_same_allocator"],
-               **{f"{k}_tokens_per_s": v for k, v in median.items()},
-               **{f"{k}_{part}": float(np.median([c[part] for c in cores[k]]))
-                  for k in ("bare_same_allocator", "raypt") for part in ("rank_cores", "other_cores")},
-               "rounds": args.rounds, "steps_timed": args.steps - WARMUP,
-               "zero_stage": cfg.deepspeed.zero_stage, "workers": cfg.scaling.workers, "device": accelerator()}
+    figures.update({"rounds": args.rounds, "steps_timed": args.steps - WARMUP, "threads_per_rank": 1,
+                    "zero_stage": cfg.deepspeed.zero_stage, "device": accelerator()})
     write_result("overhead", figures, per_round={"tokens_per_s": tokens, "cores": cores})
 
 

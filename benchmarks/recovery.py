@@ -15,7 +15,12 @@ invocation). Times are medians over the rounds. Figures:
 - checkpoint_overhead_fraction: time inside checkpoint saves / wall time of the training steps
 - memory_snapshot_overhead_fraction_{10,1}: median over the rounds of the training steps' wall time with
   snapshots every 10 (every 1) steps over that without (interpolated between the runs on either side), less 1;
-  memory_snapshot_held_fraction_*: the time the snapshot hook held the training thread, over the steps' wall time
+  memory_snapshot_held_fraction_*: the time the snapshot hook held the training thread, over the steps' wall time;
+  memory_snapshot_overhead_fraction_10_within_run: the same cost measured inside each run with snapshots every
+  10 steps, so that the drift between runs (their wall times spread by more than the cost) drops out: the extra
+  wall time of the two steps after each snapshot (held, then its shares sent while the next step trains) over the
+  mean of the same run's steps 4 to 10 after one, as a share of the run's wall time; `_placebo`: the same figure
+  read from the runs without snapshots, where it should be 0 within noise
 """
 from __future__ import annotations
 
@@ -69,6 +74,15 @@ def span(records: list[dict]) -> float:
     return records[-1]["time"] - records[0]["time"]
 
 
+def within_run(records: list[dict], every: int) -> float:
+    """Snapshot cost from one run's own steps (see the module's docstring); a snapshot follows step s when s %
+    every == 0."""
+    walls = {r["step"]: r["time"] - prev["time"] for prev, r in zip(records, records[1:])}
+    after = [s for s in walls if s > every and (s - 1) % every in (0, 1)]
+    quiet = statistics.mean(w for s, w in walls.items() if (s - 1) % every >= 3)
+    return sum(walls[s] - quiet for s in after) / sum(walls.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=160)
@@ -94,9 +108,12 @@ def main() -> None:
     sequence = [k for _ in range(args.rounds) for k in (0, 10, 1)] + [0]
     walls: list[tuple[int, float]] = []
     held: dict[int, list[float]] = {10: [], 1: []}
+    inside: dict[int, list[float]] = {10: [], 0: []}
     for i, k in enumerate(sequence):
         _, _, records = run(f"overhead-{k}-{i}", args.steps, args.steps, f"checkpoint.memory_every={k}")
         walls.append((k, span(records)))
+        if k in inside:
+            inside[k].append(within_run(records, 10))
         if k:
             held[k].append(sum(r.get("memory_snapshot_s", 0.0) for r in records) / span(records))
     base = [(i, w) for i, (k, w) in enumerate(walls) if k == 0]
@@ -133,6 +150,9 @@ def main() -> None:
         figures[f"memory_snapshot_overhead_fraction_{k}"] = statistics.median(ratios[k]) - 1
         figures[f"memory_snapshot_overhead_fraction_{k}_spread"] = [min(ratios[k]) - 1, max(ratios[k]) - 1]
         figures[f"memory_snapshot_held_fraction_{k}"] = statistics.median(held[k])
+    figures["memory_snapshot_overhead_fraction_10_within_run"] = statistics.median(inside[10])
+    figures["memory_snapshot_overhead_fraction_10_within_run_spread"] = [min(inside[10]), max(inside[10])]
+    figures["memory_snapshot_overhead_fraction_10_within_run_placebo"] = statistics.median(inside[0])
     figures["steps_wall_s"] = {str(k): [w for kk, w in walls if kk == k] for k in (0, 10, 1)}
     write_result("recovery", figures)
 

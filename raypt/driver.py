@@ -136,6 +136,8 @@ def build(cfg: JobConfig, sink: Optional[Any] = None, callbacks: Optional[list] 
     from raypt.loop import train_loop
 
     gpu = use_gpu(cfg)
+    if cfg.fast.pin_memory and not gpu:
+        raise ConfigError("fast.pin_memory: true needs GPU workers; the cluster has no GPU (scaling.use_gpu auto)")
     w, f = cfg.scaling.workers, cfg.failure
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     elastic = {} if isinstance(w, int) else {"elastic_resize_monitor_interval_s": cfg.scaling.resize_interval_s}

@@ -125,7 +125,7 @@ class Worker:
                       **bad_records([s.name for s in c.data.mix()], self.manifests)}
             self.hooks.fire("evaluate", self, 0, record)
             self.hooks.fire("step_end", self, 0, record)
-        peak = peak_flops(self.threads) * self.world
+        peak = peak_flops(self.threads, c.deepspeed.precision) * self.world
         self.batches = train = Timed(self.stream(start, steps - start))
         total_tokens = self.plan.tokens_before(steps)
         for step in range(start + 1, steps + 1):

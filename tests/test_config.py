@@ -50,6 +50,12 @@ BAD = [
     (["run.trackers=[foo]"], ["run.trackers.0: got 'foo'", "'tensorboard', 'mlflow' or 'wandb'"]),
     (["run.trackers=[mlflow, tensorboard, mlflow]"], ["run.trackers", "lists mlflow more than once",
                                                       "allowed: tensorboard, mlflow, wandb"]),
+    (["fast.compile=true", "deepspeed.zero_stage=3"], ["fast.compile: true", "deepspeed.zero_stage 3",
+                                                       "use zero_stage 0-2"]),
+    (["fast.pin_memory=true", "scaling.use_gpu=false"], ["fast.pin_memory: true needs GPU workers",
+                                                         "scaling.use_gpu is false"]),
+    (["fast.fused_optimizer=true", "deepspeed.offload=cpu"], ["fast.fused_optimizer: true",
+                                                              "deepspeed.offload cpu", "CPU Adam"]),
 ]
 
 

@@ -78,5 +78,9 @@ def test_node_loss_return_and_drain_keep_the_one_worker_losses(tiny_data, tmp_pa
 @pytest.mark.autoscaler
 def test_elastic_run_grows_as_the_autoscaler_adds_nodes(tiny_data, tmp_path):
     """Runs in its own pytest process (`make test` does this): the fake autoscaling cluster stops all Ray first."""
-    sizes = printed(run_drill("autoscale", tiny_data, str(tmp_path / "runs")), "WORLD_SIZES")
+    try:
+        sizes = printed(run_drill("autoscale", tiny_data, str(tmp_path / "runs")), "WORLD_SIZES")
+    finally:  # the drill's own `ray stop` can be cut short (its core worker may end it as the cluster goes down)
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     assert phases_of(sizes)[:2] == [1, 2]

@@ -68,3 +68,20 @@ def test_hfu_counts_the_recomputation_only_when_activation_checkpointing_is_on()
                for a in (False, True))
     assert (off[0] == off[1]).all() and (on[0] == off[0]).all()
     assert list(on[1] - on[0]) == [task.recompute_flops_per_sample(model, m) for m in ("text", "audio")]
+
+
+def test_the_peak_is_the_datasheets_in_the_runs_precision_or_a_measured_rate(monkeypatch):
+    from raypt.metrics import flops
+
+    measured = flops.peak_flops(1, "fp32")
+    assert 1e8 < measured < 1e13  # a real fp32 rate of this machine's one thread
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert flops.peak_flops(1, "auto") == flops.peak_flops(1, "bf16") == 756e12  # PCIe, not the SXM's
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert flops.peak_flops(1, "fp32") == 378e12  # tf32 tensor cores
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert flops.peak_flops(1, "fp32") == 51e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert flops.peak_flops(1, "fp16") == 989e12

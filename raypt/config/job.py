@@ -248,6 +248,7 @@ class JobConfig(Section):
     def _task_fits(self) -> "JobConfig":
         self.model.check_job(self)
         self.pipeline.check_job(self)
+        self.fast.check_job(self)
         return self
 
     @model_validator(mode="after")

@@ -81,6 +81,7 @@ class Engine(ABC):
     # Set by the non-finite-loss policy (raypt/hooks/nonfinite.py): called once per step before the update with
     # whether this rank's losses were finite; False skips the update on every rank (the gate makes them agree).
     update_gate: Optional[Callable[["torch.Tensor"], bool]] = None
+    pinned: bool = False  # batches copied to the device from pinned host memory (fast.pin_memory)
 
     @property
     def dp_rank(self) -> int:
@@ -123,6 +124,10 @@ class Engine(ABC):
             from raypt.models.recompute import checkpoint_blocks
 
             checkpoint_blocks(model)
+        if cfg.fast.compile:
+            from raypt.models.compiled import compile_blocks
+
+            compile_blocks(model)
         return model
 
     @classmethod
@@ -164,4 +169,8 @@ class Engine(ABC):
         raise NotImplementedError(f"the {self.name} engine does not expose its parameters' local state")
 
     def local_to_device(self, batch: Batch) -> Batch:
+        """The batch on this rank's device; with `fast.pin_memory`, copied from pinned host memory, so the copy
+        runs by DMA while the host goes on (from pageable memory a non-blocking copy is synchronous)."""
+        if self.pinned:
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

@@ -100,6 +100,10 @@ class PipelineEngine(ZeroEngine):
             for part, prefix in layer.init_parts():
                 init_by_name(part, cfg.run.seed, prefix=prefix, owner=whole)
         pipe.config, pipe.whole_shapes = whole.config, model_shapes(whole)  # for FLOPs and restores
+        if cfg.fast.compile:
+            from raypt.models.compiled import compile_blocks
+
+            compile_blocks(pipe)
         return pipe
 
     @classmethod
@@ -148,6 +152,8 @@ class PipelineEngine(ZeroEngine):
         n, pad = len(ids), self.split.micro - len(ids)
         rows = torch.cat([torch.full((n,), weight / n), torch.zeros(pad)])
         ids = torch.cat([ids, ids[:1].expand(pad, -1)])
+        if self.pinned:  # DeepSpeed's own copy of a tensor already on the device is none
+            ids, rows = self.local_to_device({"ids": ids, "rows": rows}).values()
         return ids, (ids, rows)
 
     def train_step(self, batches: Iterator[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:

@@ -149,14 +149,17 @@ class ZeroEngine(Engine):
         split = cls.split_for(cfg, topology)
         conf = ds_config(cfg, split)
         groups = param_groups(model, cfg.train.weight_decay)
-        optimizer = None
+        optimizer, fused = None, cfg.fast.fused_optimizer
         if "optimizer" not in conf:
             args = optimizer_args(cfg)
             optimizer = torch.optim.AdamW(groups, lr=args["lr"], betas=tuple(args["betas"]), eps=args["eps"],
-                                          fused=accelerator() == "cuda")
+                                          fused=accelerator() == "cuda" if fused is None else fused)
         ds, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=conf,
                                       dist_init_required=False)
         engine = cls(ds, topology, split)
+        if cfg.fast.pin_memory and ds.device.type != "cuda":
+            raise ValueError(f"fast.pin_memory: true needs a CUDA device; this rank runs on {ds.device.type}")
+        engine.pinned = cfg.fast.pin_memory
         if restore is not None:
             engine._load(restore)
         return engine
