@@ -9,7 +9,7 @@ torch.compile compiles, are left out), and each with/without ratio comes from ru
 - `<switch>_on_vs_off_tokens_per_s`: each fast switch alone against none (activation checkpointing trades
   compute for memory, so it is below 1 by design; its HFU is reported beside);
 - `sizes`: tokens/s and MFU at each of SIZES with BEST, drawn into benchmarks/results/mfu.png.
-Usage: python benchmarks/mfu.py [--steps 16] [--rounds 2]
+Usage: python benchmarks/mfu.py [--steps 16] [--rounds 2]; --plot: redraw the PNG from mfu.json
 """
 from __future__ import annotations
 
@@ -105,6 +105,8 @@ def plot(sizes: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(params, [s["tokens_per_s"] for s in sizes], "o-", color="tab:blue")
     ax.set_xscale("log")
+    ax.set_xticks(params, [f"{p:.1f}" for p in params])
+    ax.minorticks_off()
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("tokens/s", color="tab:blue")
     mfu = ax.twinx()
@@ -117,4 +119,9 @@ def plot(sizes: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--plot"]:
+        import json
+
+        plot(json.loads((RESULTS / "mfu.json").read_text())["figures"]["sizes"])
+    else:
+        main()
